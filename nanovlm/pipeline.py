@@ -1,0 +1,160 @@
+"""The main job, end to end: data -> tokenizer -> model -> training -> report.
+
+`python -m nanovlm train --preset scenes` calls `run()`: it generates the scenes if they are missing,
+prepares (packs) every split once, trains the BPE tokenizer on the training captions once, trains the
+model, then captions held-out images and prints them next to the truth with the final scores.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import scenes
+from .data import Loader, PackedSplit, prepare
+from .evaluate import evaluate_split
+from .presets import DataConfig, RunConfig
+from .tokenizer import Tokenizer
+from .trainer import Trainer, init_distributed
+from .vlm import VLM
+
+
+def prepare_splits(data: DataConfig) -> dict[str, PackedSplit]:
+    """Generate (scenes) and pack the train, val and test splits; work already done is skipped."""
+    root = Path(data.root)
+    if data.kind == "scenes" and not (root / "done").is_file():
+        # generated once; any --image-size is then packed from the same pictures
+        scenes.generate(root, scenes.SceneConfig(image_size=data.image_size, n_train=data.n_train))
+    elif not (root / "annotations").is_dir():
+        raise FileNotFoundError(
+            f"{root / 'annotations'} not found: fetch COCO first with `python -m nanovlm data coco --root {root}` "
+            f"(or unzip the official 2017 files there by hand; see {coco.__name__})"
+        )
+    names = dict.fromkeys([data.train_split, data.val_split, data.test_split])
+    return {name: PackedSplit(prepare(root, name, data.image_size)) for name in names}
+
+
+def load_tokenizer(data: DataConfig, train: PackedSplit) -> Tokenizer:
+    """The BPE tokenizer of this dataset: trained once on the training captions (and questions), then cached."""
+    path = Path(data.root) / f"tokenizer-{data.vocab_size}.tiktoken"
+    if path.is_file():
+        return Tokenizer.load(path)
+    texts = [c for caps in train.captions for c in caps]
+    texts += [f"{q['question']} {q['answer']}" for q in train.qa or []]
+    tokenizer = Tokenizer.train(texts, vocab_size=data.vocab_size)
+    tmp = path.with_suffix(".tmp")
+    tokenizer.save(tmp)
+    tmp.rename(path)
+    return tokenizer
+
+
+def make_loaders(run: RunConfig, tokenizer: Tokenizer, splits: dict[str, PackedSplit], rank: int, world: int):
+    """Training and validation loaders; each process gets its slice of the global batch."""
+    t, d = run.train, run.data
+    if t.batch_size % world:
+        raise ValueError(f"--batch-size {t.batch_size} does not divide over {world} processes")
+    kwargs = dict(tokenizer=tokenizer, batch_size=t.batch_size // world, max_len=d.max_text_len, task=t.task)
+    kwargs.update(rank=rank, world_size=world)
+    first = t.first_caption_prob or None
+    train = Loader(splits[d.train_split], seed=t.seed, first_caption_prob=first, **kwargs)
+    val = Loader(splits[d.val_split], seed=t.seed + 1, **kwargs)
+    return train, val
+
+
+def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
+    """Train cfg end to end and return the output folder (holding last/, best/, metrics.jsonl, report.json)."""
+    rank, world = init_distributed()
+    t0 = time.perf_counter()
+    if rank == 0:
+        splits = prepare_splits(cfg.data)
+        tokenizer = load_tokenizer(cfg.data, splits[cfg.data.train_split])
+    if world > 1:
+        dist.barrier()  # rank 0 made the files; the others now only read them
+    if rank != 0:
+        splits = prepare_splits(cfg.data)
+        tokenizer = load_tokenizer(cfg.data, splits[cfg.data.train_split])
+    cfg.model.decoder.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(cfg.train.seed)
+    model = VLM(cfg.model)
+    trainer = Trainer(model, tokenizer, *make_loaders(cfg, tokenizer, splits, rank, world), cfg.train)
+    out = Path(cfg.train.out)
+    if (out / "last").exists() or (out / "last.old").exists():
+        if fresh:
+            raise FileExistsError(f"{out} already holds a run; delete it or choose another --out")
+        trainer.resume(out / "last")
+        say(rank, f"resuming {out / 'last'} at step {trainer.step} of {cfg.train.max_steps}")
+    say(rank, describe(cfg, model, tokenizer, splits))
+    trainer.fit()
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(_as_dict(cfg), indent=2))
+        from .viz import plot_losses
+
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if report and rank == 0:
+        best, _ = VLM.load(out / "best", device=str(trainer.device))
+        summary = evaluate_split(best, tokenizer, splits[cfg.data.test_split], limit=1000)
+        summary["wall_s"] = round(time.perf_counter() - t0, 1)
+        (out / "report.json").write_text(json.dumps(summary, indent=2))
+        print(format_report(summary, splits[cfg.data.test_split], cfg.data.test_split))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return out
+
+
+def say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, flush=True)
+
+
+def describe(cfg: RunConfig, model: VLM, tokenizer: Tokenizer, splits: dict[str, PackedSplit]) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    sizes = ", ".join(f"{name} {len(s)}" for name, s in splits.items())
+    return (
+        f"data {cfg.data.root} ({sizes} images, {cfg.data.image_size}px); tokenizer {tokenizer.vocab_size} tokens; "
+        f"model {n / 1e6:.2f}M parameters, {cfg.model.n_image_tokens} image tokens + {cfg.data.max_text_len} text tokens"
+    )
+
+
+GROUNDED_KEYS = [
+    ("object_f1", "object F1 (size + colour + shape)"),
+    ("chair_s", "captions naming an absent object (CHAIR_s)"),
+    ("chair_i", "mentions of absent objects (CHAIR_i)"),
+    ("count_acc", "count accuracy on repeated objects"),
+    ("relation_acc", "spatial relation accuracy"),
+    ("binding_errors", "attribute-binding errors"),
+    ("unparsed", "captions that could not be parsed"),
+]
+CAPTION_KEYS = [("bleu4", "BLEU-4"), ("cider", "CIDEr-D")]
+
+
+def format_report(summary: dict, split: PackedSplit, split_name: str, samples: int = 6) -> str:
+    """Sample captions next to the truth, then a table of model vs blind-baseline scores."""
+    lines = [f"\nCaptions for held-out '{split_name}' images (model | truth):"]
+    for i in range(min(samples, summary["n_images"])):
+        lines.append(f"  {split.file_names[i]}: {summary['captions'][i]}")
+        lines.append(f"  {' ' * len(split.file_names[i])}  {split.captions[i][0]}")
+    model, blind = summary["model"], summary.get("blind", {})
+    lines.append(f"\nScores on {summary['n_images']} '{split_name}' images       model    blind (no image)")
+    keys = (GROUNDED_KEYS if "object_f1" in model else []) + CAPTION_KEYS
+    keys += [
+        (k, "VQA accuracy" + k.removeprefix("vqa_acc").replace("/", " ")) for k in model if k.startswith("vqa_acc")
+    ]
+    for key, label in keys:
+        if key in model:
+            lines.append(f"  {label:<42} {_fmt(model[key]):>8} {_fmt(blind.get(key)):>8}")
+    lines.append(f"wall time {summary['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
+
+
+def _as_dict(cfg: RunConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)

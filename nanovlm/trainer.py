@@ -1,0 +1,364 @@
+"""The training loop: one plain PyTorch loop that serves every stage of training a VLM.
+
+Each step: fetch grad_accum micro-batches, forward, loss (mean over the target tokens of the whole
+step), backward, clip the gradient norm, AdamW update with a warmup + cosine learning rate. Around it:
+periodic evaluation on held-out data, atomic checkpoints that hold everything needed to continue
+exactly (model, optimizer, step, data position, random state), a metrics log and a progress bar.
+
+The stages of the literature are configurations of this one loop (`STAGES`):
+- "text":     the decoder learns the language of captions alone (images are not used);
+- "align":    only the projector trains, with the ViT and decoder frozen (LLaVA stage 1);
+- "full":     everything trains on image-caption pairs;
+- "instruct": everything trains on question/answer pairs in a chat format.
+
+Runs on a CPU as it is; on a GPU it adds bf16 autocast, torch.compile and fused AdamW; under
+`torchrun --nproc_per_node=N` it uses DistributedDataParallel with the same global batch.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .tokenizer import Tokenizer
+from .vlm import IGNORE, VLM
+
+# stage -> (data task, components that train); everything else is frozen
+STAGES = {
+    "text": ("text", ("decoder",)),
+    "align": ("caption", ("projector",)),
+    "full": ("caption", ("vit", "projector", "decoder")),
+    "instruct": ("qa", ("vit", "projector", "decoder")),
+}
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "full"  # one of STAGES
+    max_steps: int = 1000  # optimizer steps in this stage
+    batch_size: int = 64  # samples per micro-batch, summed over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # applied to weight matrices and embeddings only
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    eval_every: int = 250  # steps between evaluations (and checkpoints)
+    eval_batches: int = 8  # held-out batches per evaluation
+    log_every: int = 10  # steps between log lines
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    compile: str = "auto"  # "auto" (on for CUDA, off on CPU), "on" or "off"
+    train: tuple[str, ...] = field(default_factory=tuple)  # components to train; empty = the stage's default
+    first_caption_prob: float = 0.0  # chance of the dataset's first (canonical) caption; 0 = uniform
+    out: str = "runs/scenes"  # where checkpoints and logs go
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose one of {sorted(STAGES)}")
+        unknown = set(self.train) - {"vit", "projector", "decoder"}
+        if unknown:
+            raise ValueError(f"train names unknown components {sorted(unknown)}; use vit, projector, decoder")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    @property
+    def task(self) -> str:
+        return STAGES[self.stage][0]
+
+    @property
+    def trained_components(self) -> tuple[str, ...]:
+        return tuple(self.train) or STAGES[self.stage][1]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: VLM, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices, not on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def set_trainable(model: VLM, components: tuple[str, ...]) -> None:
+    """Freeze every component except the named ones."""
+    for name in ("vit", "projector", "decoder"):
+        getattr(model, name).requires_grad_(name in components)
+
+
+class Trainer:
+    """Trains a VLM on batches from a data.Loader; see the module docstring for what one step does."""
+
+    def __init__(self, model: VLM, tokenizer: Tokenizer, train_loader, val_loader, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.train_batches = iter(train_loader)  # reads train_loader.step, so a resume moves it too
+        self.out = Path(cfg.out)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.device = torch.device(resolve_device(cfg.device))
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        self.model = model.to(self.device)  # the plain module: what gets saved, never a compiled wrapper
+        set_trainable(self.model, cfg.trained_components)
+        self.optimizer = make_optimizer(self.model, cfg, fused=self.device.type == "cuda")
+        self.step_model = self._wrap(self.model)
+        self.step = 0
+        self.best_val = float("inf")
+        self.samples_seen = 0
+
+    def _wrap(self, model: VLM):
+        """DDP under torchrun, then torch.compile where asked: the module used for training steps."""
+        wrapped = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+        use_compile = self.cfg.compile == "on" or (self.cfg.compile == "auto" and self.device.type == "cuda")
+        return torch.compile(wrapped) if use_compile else wrapped
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """Run grad_accum micro-batches and one AdamW update; return the step's mean loss."""
+        batches = [self._to_device(next(self.train_batches)) for _ in range(self.cfg.grad_accum)]
+        # normalise by the target tokens of the whole step on all processes, so that the loss (and the
+        # gradient) is the same as one big batch on one process, whatever the caption lengths
+        n_tokens = sum((b["targets"] != IGNORE).sum() for b in batches).float()
+        if self.world > 1:
+            dist.all_reduce(n_tokens)
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1  # DDP: all-reduce gradients on the last micro-batch only
+            ctx = (
+                self.step_model.no_sync()
+                if self.world > 1 and not sync and hasattr(self.step_model, "no_sync")
+                else nullcontext()
+            )
+            with ctx:
+                loss_sum = self._loss_sum(batch)
+                # DDP averages gradients over processes, so scale by the world size to get a sum
+                (loss_sum * self.world / n_tokens).backward()
+            total += loss_sum.detach()
+        if self.world > 1:
+            dist.all_reduce(total)
+        loss = (total / n_tokens).item()
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"loss became {loss} at step {self.step} (lr {lr:.2e}); stopped without updating the model. "
+                f"The last good checkpoint is {self.out / 'last'}: lower --lr or raise --warmup-steps, "
+                f"then resume from it."
+            )
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += self.cfg.batch_size * self.cfg.grad_accum
+        return loss
+
+    def _loss_sum(self, batch: dict, model=None) -> torch.Tensor:
+        """Sum of the cross-entropy over the batch's target tokens (not the mean; see train_step)."""
+        model = model or self.step_model
+        images = None if self.cfg.task == "text" else batch["images"]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+            logits, _ = model(images, batch["input_ids"])
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per target token over cfg.eval_batches fixed held-out batches."""
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)
+        for k in range(self.cfg.eval_batches):  # the same held-out batches every time
+            batch = self._to_device(self.val_loader.batch(k))
+            total += torch.stack([self._loss_sum(batch, self.model), (batch["targets"] != IGNORE).sum().float()])
+        if self.world > 1:
+            dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def fit(self, until: int | None = None) -> dict:
+        """Train to cfg.max_steps (or stop early at step `until`, saving a checkpoint); return the last log."""
+        until = min(until or self.cfg.max_steps, self.cfg.max_steps)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log(
+            {
+                "event": "start",
+                "stage": self.cfg.stage,
+                "training": list(self.cfg.trained_components),
+                "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                "frozen_params": sum(p.numel() for p in self.model.parameters() if not p.requires_grad),
+                "device": str(self.device),
+                "dtype": str(self.amp_dtype).removeprefix("torch."),
+                "processes": self.world,
+                "step": self.step,
+            }
+        )
+        self.model.train()
+        bar = tqdm(total=until, initial=self.step, desc=self.cfg.stage, disable=self.rank != 0, dynamic_ncols=True)
+        record, t0, samples0 = {}, time.perf_counter(), self.samples_seen
+        try:
+            while self.step < until:
+                loss = self.train_step()
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == until:
+                    rate = (self.samples_seen - samples0) / (time.perf_counter() - t0)
+                    record = {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": lr_at(self.step - 1, self.cfg),
+                        "samples_per_s": rate,
+                    }
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.1e}", sps=f"{rate:.0f}")
+                    self.log(record)
+                    t0, samples0 = time.perf_counter(), self.samples_seen
+                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps:
+                    self._evaluate_and_save()
+        except KeyboardInterrupt:
+            self.save("last")
+            bar.close()
+            self.log({"event": "interrupted", "step": self.step})
+            raise
+        bar.close()
+        if self.step == until and self.step % self.cfg.eval_every and self.step != self.cfg.max_steps:
+            self.save("last")  # stopped early on purpose: leave a checkpoint to resume from
+        return record
+
+    def _evaluate_and_save(self) -> None:
+        val = self.evaluate()
+        self.log({"step": self.step, "val_loss": val})
+        if val < self.best_val:
+            self.best_val = val
+            self.save("best")
+        self.save("last")
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line to out/metrics.jsonl (rank 0 only)."""
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save(self, name: str) -> Path:
+        """Write out/name atomically: model directory + trainer state, built beside it and swapped in."""
+        target = self.out / name
+        if self.rank != 0:
+            return target
+        state = {
+            "step": self.step,
+            "best_val": self.best_val,
+            "samples_seen": self.samples_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "train_config": asdict(self.cfg),
+            "loader": self.train_loader.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        write_dir_atomically(
+            target, lambda d: (self.model.save(d, self.tokenizer), torch.save(state, d / "trainer.pt"))
+        )
+        return target
+
+    def resume(self, directory: str | Path) -> None:
+        """Load model, optimizer, step, data position and random state written by save()."""
+        directory = find_checkpoint(Path(directory))
+        loaded, _ = VLM.load(directory, device=str(self.device))
+        if loaded.cfg != self.model.cfg:
+            raise ValueError(f"{directory} holds a model of another configuration; use a new --out or --fresh")
+        self.model.load_state_dict(loaded.state_dict())
+        state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
+        if state["train_config"]["stage"] != self.cfg.stage:
+            raise ValueError(f"{directory} is a {state['train_config']['stage']!r} run, not {self.cfg.stage!r}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.step, self.best_val, self.samples_seen = state["step"], state["best_val"], state["samples_seen"]
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+
+
+def write_dir_atomically(target: Path, write) -> None:
+    """Call write(tmp_dir), then swap tmp_dir into target's place, so target is always whole or absent."""
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for f in tmp.iterdir():  # make sure the bytes are on disk before the rename makes them visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(directory: Path) -> Path:
+    """directory itself, or its .old twin if a crash came between the two renames of a save."""
+    if (directory / "trainer.pt").is_file():
+        return directory
+    old = directory.with_name(directory.name + ".old")
+    if (old / "trainer.pt").is_file():
+        return old
+    raise FileNotFoundError(f"no checkpoint to resume in {directory} (trainer.pt is missing)")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return name
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown dtype {name!r}; use auto, fp32 or bf16")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when started by torchrun; returns (rank, world_size)."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,216 @@
+"""The training loop: schedule, stages, checkpoints and exact resume, NaN handling, DDP, compile."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanovlm.data import Loader, PackedSplit
+from nanovlm.decoder import DecoderConfig
+from nanovlm.pipeline import load_tokenizer
+from nanovlm.presets import DataConfig
+from nanovlm.projector import ProjectorConfig
+from nanovlm.trainer import TrainConfig, Trainer, find_checkpoint, lr_at, make_optimizer, write_dir_atomically
+from nanovlm.vit import ViTConfig
+from nanovlm.vlm import VLM, VLMConfig
+
+TINY_FLAGS = (
+    "--image-size 32 --vocab-size 300 --max-text-len 40 --vit-dim 32 --vit-n-layers 1 --vit-n-heads 2 "
+    "--decoder-dim 32 --decoder-n-layers 1 --decoder-n-heads 2 --batch-size 8 --eval-batches 2 --log-every 1"
+).split()
+
+
+def make_trainer(root, out, stage="full", **overrides) -> Trainer:
+    tok = load_tokenizer(DataConfig(root=str(root), vocab_size=300), PackedSplit(root / "prepared" / "train_32"))
+    settings = dict(max_steps=12, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=4, eval_batches=2, log_every=1)
+    cfg = TrainConfig(stage=stage, out=str(out), **{**settings, **overrides})
+    torch.manual_seed(0)
+    model = VLM(
+        VLMConfig(
+            vit=ViTConfig(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=2),
+            projector=ProjectorConfig(in_dim=32, out_dim=32),
+            decoder=DecoderConfig(vocab_size=tok.vocab_size, max_seq_len=56, dim=32, n_layers=1, n_heads=2),
+        )
+    )
+    train = Loader(PackedSplit(root / "prepared" / "train_32"), tok, 8, 40, task=cfg.task, seed=0)
+    val = Loader(PackedSplit(root / "prepared" / "val_32"), tok, 8, 40, task=cfg.task, seed=1)
+    return Trainer(model, tok, train, val, cfg)
+
+
+def losses(out) -> dict[int, float]:
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = TrainConfig(max_steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_weight_decay_only_on_matrices():
+    model = VLM(VLMConfig(vit=ViTConfig(dim=32, n_heads=2, n_layers=1), projector=ProjectorConfig(32, 32),
+                          decoder=DecoderConfig(dim=32, n_heads=2, n_layers=1, vocab_size=50)))  # fmt: skip
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), fused=False)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_bad_train_config_is_rejected():
+    with pytest.raises(ValueError, match="unknown stage"):
+        TrainConfig(stage="pretrain")
+    with pytest.raises(ValueError, match="max_steps must be at least 1"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="unknown components"):
+        TrainConfig(train=("vit", "llm"))
+
+
+def test_training_lowers_the_loss(tiny_scenes, tmp_path):
+    trainer = make_trainer(tiny_scenes, tmp_path)
+    first = trainer.evaluate()
+    trainer.fit()
+    assert trainer.evaluate() < first - 0.5
+    assert (tmp_path / "last" / "model.safetensors").is_file() and (tmp_path / "best" / "trainer.pt").is_file()
+    start = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert start["event"] == "start" and start["training"] == ["vit", "projector", "decoder"]
+
+
+@pytest.mark.parametrize("stage,trained", [("align", {"projector"}), ("text", {"decoder"})])
+def test_stages_train_only_their_components(tiny_scenes, tmp_path, stage, trained):
+    trainer = make_trainer(tiny_scenes, tmp_path, stage=stage, max_steps=3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.fit()
+    changed = {n.split(".")[0] for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trained
+    start = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert set(start["training"]) == trained and start["frozen_params"] > 0
+
+
+def test_resume_after_interrupt_gives_the_same_losses(tiny_scenes, tmp_path, monkeypatch):
+    straight = make_trainer(tiny_scenes, tmp_path / "a")
+    straight.fit()
+
+    interrupted = make_trainer(tiny_scenes, tmp_path / "b")
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+
+    resumed = make_trainer(tiny_scenes, tmp_path / "b")
+    resumed.resume(tmp_path / "b" / "last")
+    assert resumed.step == 7
+    resumed.fit()
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # exactly, every step
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_stop_early_and_resume_from_periodic_checkpoint(tiny_scenes, tmp_path):
+    straight = make_trainer(tiny_scenes, tmp_path / "a")
+    straight.fit()
+    first = make_trainer(tiny_scenes, tmp_path / "b")
+    first.fit(until=5)  # as if killed after step 5 (checkpoint written on stopping)
+    second = make_trainer(tiny_scenes, tmp_path / "b")
+    second.resume(tmp_path / "b" / "last")
+    second.fit()
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_scenes, tmp_path):
+    trainer = make_trainer(tiny_scenes, tmp_path)
+    real_batch = trainer.train_loader.batch
+
+    def poisoned(k):
+        batch = real_batch(k)
+        if k == 6:
+            batch["images"][:] = float("nan")
+        return batch
+
+    trainer.train_loader.batch = poisoned
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 6 .* last good checkpoint"):
+        trainer.fit()
+    saved, _ = VLM.load(tmp_path / "last")
+    state = torch.load(tmp_path / "last" / "trainer.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_checkpoint_swap_is_atomic(tmp_path):
+    target = tmp_path / "last"
+    write_dir_atomically(target, lambda d: (d / "trainer.pt").write_text("one"))
+    write_dir_atomically(target, lambda d: (d / "trainer.pt").write_text("two"))
+    assert (target / "trainer.pt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    # a crash between the two renames leaves only last.old: resuming finds it
+    target.rename(tmp_path / "last.old")
+    assert find_checkpoint(target) == tmp_path / "last.old"
+
+    def crash(d):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_dir_atomically(tmp_path / "best", crash)
+    assert not (tmp_path / "best").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_plain_names(tiny_scenes, tmp_path):
+    """The CUDA default path (torch.compile) run on the CPU: same losses, no _orig_mod. in checkpoints."""
+    eager = make_trainer(tiny_scenes, tmp_path / "eager", max_steps=4)
+    eager.fit()
+    compiled = make_trainer(tiny_scenes, tmp_path / "compiled", max_steps=4, compile="on")
+    compiled.fit()
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-3 for k in a)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "compiled" / "last" / "model.safetensors", "pt") as f:
+        assert not any("_orig_mod" in k for k in f.keys())
+
+
+def run_cli(args, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_scenes, tmp_path):
+    common = ["train", "--data", str(tiny_scenes), "--max-steps", "6", "--eval-every", "3", "--no-report", *TINY_FLAGS]
+    run_cli(["-m", "nanovlm", *common, "--out", str(tmp_path / "one")])
+    run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanovlm", *common,
+             "--out", str(tmp_path / "two")])  # fmt: skip
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a.keys() == b.keys() == set(range(1, 7))
+    assert all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    one, _ = VLM.load(tmp_path / "one" / "last")
+    two, _ = VLM.load(tmp_path / "two" / "last")
+    for p, q in zip(one.parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_cli_rejects_bad_arguments_with_a_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "nanovlm", "train", "--max-steps", "ten"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--max-steps 'ten': expected a int" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "nanovlm", "train", "--preset", "huge"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
