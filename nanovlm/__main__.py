@@ -101,11 +101,11 @@ def add_eval_parser(sub) -> None:
 
 def cmd_eval(args) -> None:
     from .data import PackedSplit, prepare
-    from .evaluate import evaluate_split, score_table, to_json
+    from .evaluate import evaluate_split, json_summary, score_table
     from .vlm import VLM
 
     model, tok = VLM.load(args.ckpt, device=args.device)
-    split = PackedSplit(prepare(args.data, args.split, model.cfg.vit.image_size))
+    split = PackedSplit(prepare(args.data, args.split, model.cfg.vit.image_size))  # notes go to stderr
     summary = evaluate_split(model, tok, split, limit=args.limit, blind_baseline=not args.no_blind)
     if args.sheet:
         from .viz import caption_sheet
@@ -114,7 +114,7 @@ def cmd_eval(args) -> None:
         references = [refs[0] for refs in split.captions[:n]]
         caption_sheet(split.images[:n], summary["captions"], references, path=args.sheet)
     if args.json:
-        print(to_json(summary))
+        print(json.dumps(json_summary(summary), indent=2, allow_nan=False))
     else:
         print(f"Scores on {summary['n_images']} '{args.split}' images of {args.data} (nan: nothing to measure)")
         print(score_table(summary))

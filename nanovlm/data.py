@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -37,8 +38,8 @@ TASKS = ("caption", "qa", "text")
 
 
 def _report(message: str) -> None:
-    """Every message of this module goes out here (tqdm.write keeps progress bars intact)."""
-    tqdm.write(message)
+    """Every message of this module goes to stderr (tqdm.write keeps progress bars intact; stdout stays for results)."""
+    tqdm.write(message, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- reading captions

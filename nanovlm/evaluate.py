@@ -7,7 +7,6 @@
   much the image contributes.
 """
 
-import json
 import math
 
 import numpy as np
@@ -20,8 +19,8 @@ from .vlm import VLM
 
 
 def to_tensor(images: np.ndarray, device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on device."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(255.0)
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on device (copied: the prepared images are read-only)."""
+    return torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float().div(255.0)
 
 
 @torch.no_grad()
@@ -120,15 +119,15 @@ def score_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def to_json(summary: dict) -> str:
-    """The summary without its captions as indented JSON; nan (nothing to measure) becomes null."""
+def json_summary(summary: dict) -> dict:
+    """The summary without its captions, ready for json.dumps: nan (nothing to measure) becomes None (null)."""
 
     def clean(value):
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items()}
         return None if isinstance(value, float) and math.isnan(value) else value
 
-    return json.dumps(clean({k: v for k, v in summary.items() if k != "captions"}), indent=2, allow_nan=False)
+    return clean({k: v for k, v in summary.items() if k != "captions"})
 
 
 def _fmt(value) -> str:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from . import scenes
 from .data import Loader, PackedSplit, prepare
-from .evaluate import evaluate_split
+from .evaluate import evaluate_split, score_table
 from .presets import DataConfig, RunConfig
 from .tokenizer import Tokenizer
 from .trainer import Trainer, init_distributed
@@ -24,13 +24,13 @@ from .vlm import VLM
 def prepare_splits(data: DataConfig) -> dict[str, PackedSplit]:
     """Generate (scenes) and pack the train, val and test splits; work already done is skipped."""
     root = Path(data.root)
-    if data.kind == "scenes" and not (root / "done").is_file():
-        # generated once; any --image-size is then packed from the same pictures
-        scenes.generate(root, scenes.SceneConfig(image_size=data.image_size, n_train=data.n_train))
+    if data.kind == "scenes":
+        if not (root / "done").is_file():  # generated once; any --image-size is then packed from the same pictures
+            scenes.generate(root, scenes.SceneConfig(image_size=data.image_size, n_train=data.n_train))
     elif not (root / "annotations").is_dir():
         raise FileNotFoundError(
             f"{root / 'annotations'} not found: fetch COCO first with `python -m nanovlm data coco --root {root}` "
-            f"(or unzip the official 2017 files there by hand; see {coco.__name__})"
+            "(or unzip the official 2017 files there by hand)"
         )
     names = dict.fromkeys([data.train_split, data.val_split, data.test_split])
     return {name: PackedSplit(prepare(root, name, data.image_size)) for name in names}
@@ -59,7 +59,7 @@ def make_loaders(run: RunConfig, tokenizer: Tokenizer, splits: dict[str, PackedS
     kwargs.update(rank=rank, world_size=world)
     first = t.first_caption_prob or None
     train = Loader(splits[d.train_split], seed=t.seed, first_caption_prob=first, **kwargs)
-    val = Loader(splits[d.val_split], seed=t.seed + 1, **kwargs)
+    val = Loader(splits[d.val_split], seed=t.seed + 1, first_caption_prob=first, **kwargs)  # same caption mix
     return train, val
 
 
@@ -113,45 +113,36 @@ def describe(cfg: RunConfig, model: VLM, tokenizer: Tokenizer, splits: dict[str,
     sizes = ", ".join(f"{name} {len(s)}" for name, s in splits.items())
     return (
         f"data {cfg.data.root} ({sizes} images, {cfg.data.image_size}px); tokenizer {tokenizer.vocab_size} tokens; "
-        f"model {n / 1e6:.2f}M parameters, {cfg.model.n_image_tokens} image tokens + {cfg.data.max_text_len} text tokens"
+        f"model {n / 1e6:.2f}M parameters, {cfg.model.n_image_tokens} image + {cfg.data.max_text_len} text tokens"
     )
 
 
-GROUNDED_KEYS = [
-    ("object_f1", "object F1 (size + colour + shape)"),
-    ("chair_s", "captions naming an absent object (CHAIR_s)"),
-    ("chair_i", "mentions of absent objects (CHAIR_i)"),
-    ("count_acc", "count accuracy on repeated objects"),
-    ("relation_acc", "spatial relation accuracy"),
-    ("binding_errors", "attribute-binding errors"),
-    ("unparsed", "captions that could not be parsed"),
+# the main job's targets on held-out scenes (issue 4): key, label, target, whether higher is better
+TARGETS = [
+    ("object_f1", "object F1 (size + colour + shape)", 0.95, True),
+    ("chair_s", "captions naming an absent object", 0.05, False),
+    ("count_acc", "count accuracy on repeated objects", 0.90, True),
+    ("relation_acc", "spatial relation accuracy", 0.80, True),
 ]
-CAPTION_KEYS = [("bleu4", "BLEU-4"), ("cider", "CIDEr-D")]
 
 
-def format_report(summary: dict, split: PackedSplit, split_name: str, samples: int = 6) -> str:
-    """Sample captions next to the truth, then a table of model vs blind-baseline scores."""
-    lines = [f"\nCaptions for held-out '{split_name}' images (model | truth):"]
+def format_report(summary: dict, split: PackedSplit, split_name: str, samples: int = 8) -> str:
+    """Sample captions next to the truth, the targets met or missed, then every score vs the blind baseline."""
+    lines = [f"\nCaptions for held-out '{split_name}' images (model, then the truth):"]
     for i in range(min(samples, summary["n_images"])):
-        lines.append(f"  {split.file_names[i]}: {summary['captions'][i]}")
+        lines.append(f"  {split.file_names[i]}  {summary['captions'][i]}")
         lines.append(f"  {' ' * len(split.file_names[i])}  {split.captions[i][0]}")
-    model, blind = summary["model"], summary.get("blind", {})
-    lines.append(f"\nScores on {summary['n_images']} '{split_name}' images       model    blind (no image)")
-    keys = (GROUNDED_KEYS if "object_f1" in model else []) + CAPTION_KEYS
-    keys += [
-        (k, "VQA accuracy" + k.removeprefix("vqa_acc").replace("/", " ")) for k in model if k.startswith("vqa_acc")
-    ]
-    for key, label in keys:
-        if key in model:
-            lines.append(f"  {label:<42} {_fmt(model[key]):>8} {_fmt(blind.get(key)):>8}")
+    model = summary["model"]
+    if "object_f1" in model:
+        lines.append(f"\nTargets on {summary['n_images']} '{split_name}' images:")
+        for key, label, target, higher in TARGETS:
+            value = model[key]
+            met = value >= target if higher else value <= target
+            sign = ">=" if higher else "<="
+            lines.append(f"  {label:<38} {value:6.3f}  (target {sign} {target}: {'met' if met else 'MISSED'})")
+    lines.append(f"\nAll scores (blind = the same model shown a blank image):\n{score_table(summary)}")
     lines.append(f"wall time {summary['wall_s']:.0f} s")
     return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
 
 
 def _as_dict(cfg: RunConfig) -> dict:

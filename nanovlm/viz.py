@@ -1,9 +1,246 @@
-"""Pictures: loss curves (more to come: patch grids, attention maps, caption sheets)."""
+"""Pictures: patch grids, attention maps over the image, captions under images, loss curves.
+
+Every function returns a matplotlib Figure and, given a path, also writes it there as a PNG (and closes
+it, so scripts do not pile up open figures). Images are (H, W, 3) uint8 arrays, as stored in the prepared
+data, or (3, H, W) float tensors in [0, 1], as the model reads them.
+"""
 
 import json
+import math
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib import patheffects
+from matplotlib.figure import Figure
+
+from .tokenizer import Tokenizer
+from .vit import patchify
+from .vlm import VLM
+
+Image = np.ndarray | torch.Tensor  # (H, W, 3) uint8 or (3, H, W) float in [0, 1]
+
+
+def as_pixels(image: Image) -> torch.Tensor:
+    """The image as the model reads it: a (3, H, W) float tensor in [0, 1]."""
+    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
+        return image.detach().float().cpu()
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # a copy: may be read-only
+    kind = f"{type(image).__name__} of shape {tuple(image.shape)}" if hasattr(image, "shape") else type(image).__name__
+    raise TypeError(f"got an image as a {kind}; pass an (H, W, 3) uint8 array or a (3, H, W) float tensor")
+
+
+def _hwc(pixels: torch.Tensor) -> np.ndarray:
+    """(3, H, W) tensor -> (H, W, 3) array for imshow."""
+    return pixels.permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def _finish(fig: Figure, path: str | Path | None) -> Figure:
+    """Write fig to path as a PNG (then close it) if a path is given; return it."""
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+# ----------------------------------------------------------------------------- patches: what the ViT reads
+
+
+def show_patches(image: Image, patch_size: int, path: str | Path | None = None) -> Figure:
+    """The image with the patch grid drawn over it and each patch's index (its place in the sequence)."""
+    pixels = as_pixels(image)
+    _, H, W = pixels.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"a {H}x{W} image does not cut into {patch_size}x{patch_size} patches; pick a divisor")
+    rows, cols = H // patch_size, W // patch_size
+    fig, ax = plt.subplots(figsize=(5, 5 * H / W), layout="constrained")
+    ax.imshow(_hwc(pixels), extent=(0, W, H, 0))
+    for x in range(0, W + 1, patch_size):
+        ax.axvline(x, color="white", lw=1)
+    for y in range(0, H + 1, patch_size):
+        ax.axhline(y, color="white", lw=1)
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        centre = ((c + 0.5) * patch_size, (r + 0.5) * patch_size)
+        label = ax.text(*centre, str(i), ha="center", va="center", fontsize=max(5, 80 // cols))
+        label.set_path_effects([patheffects.withStroke(linewidth=2, foreground="white")])
+    ax.set(xlabel="x (pixels)", ylabel="y (pixels)")
+    ax.set_title(f"{rows * cols} patches of {patch_size}x{patch_size} pixels, numbered in reading order")
+    return _finish(fig, path)
+
+
+def patch_grid(image: Image, patch_size: int, cols: int | None = None, path: str | Path | None = None) -> Figure:
+    """The patches vit.patchify cuts, drawn apart in sequence order, cols per row (default: as in the image)."""
+    pixels = as_pixels(image)
+    _, H, W = pixels.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"a {H}x{W} image does not cut into {patch_size}x{patch_size} patches; pick a divisor")
+    patches = patchify(pixels[None], patch_size)[0]  # (N, P*P*3), channels fastest: (p1 p2 c)
+    n = patches.size(0)
+    cols = cols or W // patch_size
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(5, 0.8 * cols), 0.8 * rows + 0.8), squeeze=False, layout="constrained"
+    )
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < n:
+            ax.imshow(patches[i].view(patch_size, patch_size, 3).clamp(0, 1).numpy())
+            ax.set_title(str(i), fontsize=7, pad=2)
+    fig.suptitle(f"What the ViT reads: {n} patches of {patch_size}x{patch_size}x3 = {patches.size(1)} numbers")
+    fig.supxlabel("patch index = position in the sequence (left to right, then top to bottom)", fontsize=9)
+    return _finish(fig, path)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_matrix(
+    weights: torch.Tensor | np.ndarray,
+    labels_q: list[str] | None = None,
+    labels_k: list[str] | None = None,
+    title: str = "Attention weights",
+    path: str | Path | None = None,
+) -> Figure:
+    """Heatmap of one (Tq, Tk) attention matrix: row q is how query q spreads its attention over the keys."""
+    w = weights.detach().float().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
+    if w.ndim != 2:
+        raise ValueError(f"attention weights of shape {w.shape}; pass one (Tq, Tk) matrix, e.g. weights[0, head]")
+    for labels, size, name in ((labels_q, w.shape[0], "labels_q"), (labels_k, w.shape[1], "labels_k")):
+        if labels is not None and len(labels) != size:
+            raise ValueError(f"{name} has {len(labels)} labels for {size} rows/columns; give one per token")
+    fig, ax = plt.subplots(figsize=(2 + 0.25 * w.shape[1], 1.5 + 0.25 * w.shape[0]), layout="constrained")
+    im = ax.imshow(w, cmap="viridis", vmin=0)
+    fig.colorbar(im, ax=ax, label="attention weight", shrink=0.8)
+    if labels_k is not None:
+        ax.set_xticks(range(len(labels_k)), labels_k, rotation=90, fontsize=7)
+    if labels_q is not None:
+        ax.set_yticks(range(len(labels_q)), labels_q, fontsize=7)
+    ax.set(xlabel="key (attended to)", ylabel="query (attending)", title=title)
+    return _finish(fig, path)
+
+
+@torch.no_grad()
+def word_attention(
+    model: VLM, tokenizer: Tokenizer, image: Image, max_new_tokens: int | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Greedy-caption one image; return its tokens and where each looked: maps (n_layers, n_words, g, g).
+
+    maps[l, i] is the attention, averaged over heads in decoder layer l, from the position that predicted
+    word i to every image token, laid out on the g x g token grid. Each map sums to at most 1: the rest
+    went to the text before the word. With pixel shuffle s, one image token covers an s x s square of
+    patches, so the grid is s times coarser than the patch grid.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    pixels = as_pixels(image).to(device)[None]  # (1, 3, H, W)
+    prompt = torch.tensor([[tokenizer.image]], device=device)  # (1, Tp)
+    max_new_tokens = max_new_tokens or model.cfg.max_text_len - 1
+    new = model.generate(pixels, prompt, max_new_tokens, eot=tokenizer.eot)[0]
+    # one exact forward over [image tokens | prompt + caption], keeping every layer's attention weights
+    img = model.image_tokens(pixels)  # (1, N, D)
+    text = model.decoder.embed(torch.cat([prompt, prompt.new_tensor(new).view(1, -1)], dim=1))  # (1, Tp + n, D)
+    layers = [block.attn for block in model.decoder.blocks]
+    try:
+        for attn in layers:
+            attn.keep_weights = True
+        model.decoder.hidden(torch.cat([img, text], dim=1))
+    finally:
+        for attn in layers:
+            attn.keep_weights = False
+    N, g = img.size(1), math.isqrt(img.size(1))
+    first = N + prompt.size(1) - 1  # the position that predicts the first new token
+    rows = torch.arange(first, first + len(new), device=device)
+    maps = torch.stack([attn.weights[0].mean(0)[rows, :N] for attn in layers])  # (L, n_words, N)
+    words = [tokenizer.decode([t]) for t in new]
+    return words, maps.view(len(layers), len(new), g, g).float().cpu().numpy()
+
+
+def plot_word_attention(
+    image: Image,
+    words: list[str],
+    maps: np.ndarray,
+    layer: int | None = None,
+    cols: int = 8,
+    path: str | Path | None = None,
+) -> Figure:
+    """One panel per word: the image with that word's attention over the image tokens laid on top.
+
+    layer=None averages the layers. Every panel shares one colour scale, so panels compare directly.
+    """
+    if maps.ndim != 4 or maps.shape[1] != len(words) or not words:
+        raise ValueError(f"maps of shape {maps.shape} for {len(words)} words; pass word_attention's output")
+    shown = maps.mean(0) if layer is None else maps[layer]  # (n_words, g, g)
+    pixels = _hwc(as_pixels(image))
+    H, W, _ = pixels.shape
+    cols = min(cols, len(words))
+    rows = math.ceil(len(words) / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.6 * cols + 0.8, 1.8 * rows + 0.6), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, word, heat in zip(axes.flat, words, shown, strict=False):
+        ax.imshow(pixels)
+        im = ax.imshow(heat, extent=(0, W, H, 0), cmap="inferno", vmin=0, vmax=shown.max(), alpha=0.6)
+        ax.set_title(repr(word.strip() or word), fontsize=9)
+    fig.colorbar(im, ax=axes, label="attention weight", shrink=0.8)
+    which = "averaged over layers" if layer is None else f"decoder layer {layer}"
+    fig.suptitle(f"Where each generated word looked in the image ({which}, mean over heads)")
+    g = maps.shape[2]
+    fig.supxlabel(f"each square is one of {g}x{g} image tokens, covering {H // g}x{W // g} pixels", fontsize=9)
+    return _finish(fig, path)
+
+
+# ----------------------------------------------------------------------------- captions under images
+
+
+def caption_sheet(
+    images: np.ndarray,
+    captions: list[str],
+    references: list[str] | None = None,
+    path: str | Path | None = None,
+    n: int = 16,
+    cols: int = 4,
+) -> Figure:
+    """The first n images, each with the generated caption (black) and a reference (grey) written under it."""
+    if len(captions) != len(images) or (references is not None and len(references) != len(images)):
+        refs = "no" if references is None else len(references)
+        raise ValueError(
+            f"got {len(images)} images, {len(captions)} captions and {refs} references; pass one of each per image"
+        )
+    n = min(n, len(images))
+    if n == 0:
+        raise ValueError("caption_sheet got no images; pass at least one")
+    texts = [textwrap.fill(c, width=36) for c in captions[:n]]
+    refs = [textwrap.fill(f"truth: {r}", width=36) for r in references[:n]] if references is not None else None
+    lines = max(t.count("\n") + 1 + (refs[i].count("\n") + 2 if refs else 0) for i, t in enumerate(texts))
+    # lay the cells out in inches: an image, then room for the longest text under any image
+    img, gap, top, line_pt = 2.4, 0.2, 0.5, 10.0
+    text_h = lines * line_pt / 72 + 0.15
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    W, H = gap + cols * (img + gap), top + rows * (img + text_h)
+    fig = plt.figure(figsize=(W, H))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        left, bottom = gap + c * (img + gap), H - top - r * (img + text_h) - img
+        ax = fig.add_axes((left / W, bottom / H, img / W, img / H))
+        ax.imshow(_hwc(as_pixels(images[i])))
+        ax.set_axis_off()
+        style = dict(xycoords="axes fraction", textcoords="offset points", ha="center", va="top", fontsize=8)
+        ax.annotate(texts[i], (0.5, 0), xytext=(0, -4), **style)
+        if refs:
+            below = -4 - (texts[i].count("\n") + 1.4) * line_pt  # one blank half-line under the caption
+            ax.annotate(refs[i], (0.5, 0), xytext=(0, below), color="0.45", **style)
+    fig.suptitle("Generated captions" + (" (black) and a reference caption (grey)" if refs else ""), y=1 - 0.15 / H)
+    return _finish(fig, path)
+
+
+# ----------------------------------------------------------------------------- training curves
 
 
 def read_metrics(path: str | Path) -> list[dict]:
