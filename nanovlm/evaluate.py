@@ -86,14 +86,20 @@ def score_captions(captions: list[str], split: PackedSplit) -> dict:
 
 
 def evaluate_split(
-    model: VLM, tokenizer: Tokenizer, split: PackedSplit, limit: int | None = None, blind_baseline: bool = True
+    model: VLM,
+    tokenizer: Tokenizer,
+    split: PackedSplit,
+    limit: int | None = None,
+    blind_baseline: bool = True,
+    questions: bool = True,
 ) -> dict:
     """All scores that apply to the first `limit` images of a split, for the model and its blind baseline.
 
+    questions=False skips VQA (for a model never taught the question format).
     Returns {"n_images", "model": scores, "blind": scores, "captions": the model's captions}.
     """
     n = min(limit or len(split), len(split))
-    qa = [q for q in split.qa or [] if split.row_of_id[q["image_id"]] < n]
+    qa = [q for q in split.qa or [] if split.row_of_id[q["image_id"]] < n] if questions else []
     result = {"n_images": n, "model": {}, "blind": {}}
     for key, blind in (("model", False), ("blind", True)):
         if blind and not blind_baseline:

@@ -94,7 +94,9 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     if report and rank == 0:
         best, _ = VLM.load(out / "best", device=str(trainer.device))
-        summary = evaluate_split(best, tokenizer, splits[cfg.data.test_split], limit=1000)
+        summary = evaluate_split(
+            best, tokenizer, splits[cfg.data.test_split], limit=1000, questions=cfg.train.stage == "instruct"
+        )
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         (out / "report.json").write_text(json.dumps(summary, indent=2))
         print(format_report(summary, splits[cfg.data.test_split], cfg.data.test_split))

@@ -49,7 +49,7 @@ class SceneConfig:
     image_size: int = 64  # pixels per side; object sizes scale with it
     min_objects: int = 1  # fewest objects in one image
     max_objects: int = 4  # most objects in one image (at most 12: counts are written as words)
-    shapes: tuple[str, ...] = SHAPES  # shapes to draw, names from SHAPES
+    shapes: tuple[str, ...] = ("circle", "square", "triangle")  # shapes to draw, names from SHAPES (also "diamond")
     colors: tuple[str, ...] = tuple(COLORS)  # colours to use, names from COLORS
     sizes: tuple[str, ...] = tuple(SIZES)  # sizes to use, names from SIZES
     repeat_prob: float = 0.3  # chance that a multi-object image repeats one object 2-3 times (counting)
@@ -267,18 +267,27 @@ def captions(scene: dict, rng: random.Random, n: int = 5) -> list[str]:
 
 
 def canonical_caption(objects: list[dict]) -> str:
-    """All object groups left to right (count, size, colour, shape), plus the first relation that holds."""
-    text = _join([_phrase(len(members), *key) for key, members in _groups(objects)]) + "."
-    left_to_right = sorted(range(len(objects)), key=lambda i: objects[i]["cx"])
-    rank = {i: r for r, i in enumerate(left_to_right)}
-    pairs = sorted(relation_pairs(objects), key=lambda p: (min(rank[p[0]], rank[p[2]]), max(rank[p[0]], rank[p[2]])))
+    """Every object group in a fixed attribute order (colour, shape, size), plus the first relation that holds.
+
+    A fixed order makes the caption a function of what is in the image, not of where: the model only
+    has to find each kind of object, and the one relation sentence is where position matters.
+    """
+    groups = sorted(_groups(objects), key=lambda g: _attribute_rank(g[0]))
+    text = _join([_phrase(len(members), *key) for key, members in groups]) + "."
+    listed = {i: r for r, (_, members) in enumerate(groups) for i in members}
+    pairs = sorted(relation_pairs(objects), key=lambda p: sorted((listed[p[0]], listed[p[2]])))
     if pairs:
         i, relation, j = pairs[0]
-        if rank[j] < rank[i]:
+        if listed[j] < listed[i]:
             i, relation, j = j, CONVERSE[relation], i
         full = ("size", "color", "shape")
         text += f" the {_words(objects[i], full)} is {RELATION_WORDS[relation][0]} the {_words(objects[j], full)}."
     return _sentence_case(text)
+
+
+def _attribute_rank(kind: tuple[str, str, str]) -> tuple[int, int, int]:
+    size, color, shape = kind
+    return list(COLORS).index(color), SHAPES.index(shape), list(SIZES).index(size)
 
 
 def _kind(obj: dict) -> tuple[str, str, str]:
@@ -720,7 +729,7 @@ def _q_relation(objects: list[dict], rng: random.Random, cfg: SceneConfig) -> tu
 # ---------------------------------------------------------------------------------------------------
 # Writing a dataset: images, COCO-layout captions, scene records with questions, and a `done` marker
 
-FORMAT_VERSION = 1  # bump when the output for a given config changes, so old datasets are regenerated
+FORMAT_VERSION = 2  # bump when the output for a given config changes, so old datasets are regenerated
 
 
 def split_sizes(cfg: SceneConfig) -> dict[str, int]:
