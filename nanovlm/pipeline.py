@@ -25,8 +25,15 @@ def prepare_splits(data: DataConfig) -> dict[str, PackedSplit]:
     """Generate (scenes) and pack the train, val and test splits; work already done is skipped."""
     root = Path(data.root)
     if data.kind == "scenes":
-        if not (root / "done").is_file():  # generated once; any --image-size is then packed from the same pictures
-            scenes.generate(root, scenes.SceneConfig(image_size=data.image_size, n_train=data.n_train))
+        # a dataset already there keeps its own config (generate redoes it only if the code's format changed);
+        # any --image-size is then packed from the same pictures
+        marker = root / "done"
+        if marker.is_file():
+            stored = json.loads(marker.read_text())["config"]
+            cfg = scenes.SceneConfig(**{k: _tuples(v) for k, v in stored.items()})
+        else:
+            cfg = scenes.SceneConfig(image_size=data.image_size, n_train=data.n_train)
+        scenes.generate(root, cfg)
     elif not (root / "annotations").is_dir():
         raise FileNotFoundError(
             f"{root / 'annotations'} not found: fetch COCO first with `python -m nanovlm data coco --root {root}` "
@@ -34,6 +41,11 @@ def prepare_splits(data: DataConfig) -> dict[str, PackedSplit]:
         )
     names = dict.fromkeys([data.train_split, data.val_split, data.test_split])
     return {name: PackedSplit(prepare(root, name, data.image_size)) for name in names}
+
+
+def _tuples(value):
+    """JSON lists back into the tuples a config holds."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def load_tokenizer(data: DataConfig, train: PackedSplit) -> Tokenizer:

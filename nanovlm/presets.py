@@ -61,7 +61,7 @@ def _scenes() -> RunConfig:
             decoder=DecoderConfig(dim=128, n_layers=3, n_heads=4),
         ),
         train=TrainConfig(
-            max_steps=1500,
+            max_steps=900,
             batch_size=64,
             lr=2e-3,
             min_lr=1e-4,
