@@ -153,12 +153,27 @@ def cmd_data(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanovlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import bench
+    from . import bench, grade
 
-    for add in (add_train_parser, add_caption_parser, add_eval_parser, add_data_parser, bench.add_parser):
+    parsers = (
+        add_train_parser,
+        add_caption_parser,
+        add_eval_parser,
+        add_data_parser,
+        bench.add_parser,
+        grade.add_parser,
+    )
+    for add in parsers:
         add(sub)
     args = parser.parse_args(argv)
-    commands = {"train": cmd_train, "caption": cmd_caption, "eval": cmd_eval, "data": cmd_data, "bench": bench.run}
+    commands = {
+        "train": cmd_train,
+        "caption": cmd_caption,
+        "eval": cmd_eval,
+        "data": cmd_data,
+        "bench": bench.run,
+        "grade": grade.run,
+    }
     try:
         commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as e:

@@ -104,7 +104,7 @@ def test_annotations_for_unknown_images_are_skipped_and_reported(root, capsys):
     doc["annotations"].append({"id": 999, "image_id": 4242, "caption": "orphan"})
     path.write_text(json.dumps(doc))
     _, captions = read_captions(root, SPLIT)
-    assert "skipped 1 annotation(s) whose image_id is not listed" in capsys.readouterr().out
+    assert "skipped 1 annotation(s) whose image_id is not listed" in capsys.readouterr().err
     assert all("orphan" not in caps for caps in captions.values())
 
 
@@ -113,7 +113,7 @@ def test_empty_long_and_non_ascii_captions(tmp_path, capsys):
     caps = {"a.png": ["  ", "", "ein Hund läuft über die Straße ☀"], "b.png": [long, "short\n"]}
     write_split(tmp_path, {"a.png": solid(COLORS[0]), "b.png": solid(COLORS[1])}, caps)
     _, captions = read_captions(tmp_path, SPLIT)
-    assert "skipped 2 empty caption(s)" in capsys.readouterr().out
+    assert "skipped 2 empty caption(s)" in capsys.readouterr().err
     assert captions == {1: ["ein Hund läuft über die Straße ☀"], 2: [long.strip(), "short"]}
     packed = PackedSplit(prepare(tmp_path, SPLIT, 16))
     assert packed.captions == [["ein Hund läuft über die Straße ☀"], [long.strip(), "short"]]
@@ -122,7 +122,7 @@ def test_empty_long_and_non_ascii_captions(tmp_path, capsys):
 def test_missing_image_files_are_counted_and_the_rest_used(root, capsys):
     os.remove(root / SPLIT / "000003.png")
     images, captions = read_captions(root, SPLIT)
-    assert "1 of 6 images missing under" in capsys.readouterr().out
+    assert "1 of 6 images missing under" in capsys.readouterr().err
     assert len(images) == 5 and 4 not in captions
     for name in os.listdir(root / SPLIT):
         os.remove(root / SPLIT / name)
@@ -172,12 +172,12 @@ def test_rerun_skips_work_until_an_input_or_setting_changes(root, capsys):
     made = (out / "images.npy").stat().st_mtime_ns
     assert prepare(root, SPLIT, 16) == out
     assert (out / "images.npy").stat().st_mtime_ns == made
-    assert "is up to date" in capsys.readouterr().out
+    assert "is up to date" in capsys.readouterr().err
     prepare(root, SPLIT, 16, resize="pad")
-    assert "prepared 6 images" in capsys.readouterr().out
+    assert "prepared 6 images" in capsys.readouterr().err
     os.utime(root / SPLIT / "000000.jpg", ns=(1, 1))
     prepare(root, SPLIT, 16, resize="pad")
-    assert "prepared 6 images" in capsys.readouterr().out
+    assert "prepared 6 images" in capsys.readouterr().err
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_done(root, monkeypatch):
@@ -234,7 +234,7 @@ def corrupt_png() -> bytes:
 def test_bad_images_are_skipped_counted_and_named(root, capsys, content, reason):
     (root / SPLIT / "000002.jpg").write_bytes(content)
     packed = PackedSplit(prepare(root, SPLIT, 16, max_bad_fraction=0.5))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "warning: skipped" in out and "000002.jpg" in out
     assert f"prepared 5 images into {root / 'prepared' / 'val_16'}, skipped 1 ({reason}: 1)" in out
     assert packed.image_ids == [1, 2, 4, 5, 6] and packed.images.shape == (5, 16, 16, 3)
@@ -245,7 +245,7 @@ def test_decompression_bomb_is_skipped_with_reason(root, capsys, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the good images have 600 pixels
     solid(COLORS[2], (100, 100)).save(root / SPLIT / "000002.jpg")
     PackedSplit(prepare(root, SPLIT, 16, max_bad_fraction=0.5, workers=1))
-    assert "skipped 1 (too large: 1)" in capsys.readouterr().out
+    assert "skipped 1 (too large: 1)" in capsys.readouterr().err
     solid(COLORS[2], (40, 40)).save(root / SPLIT / "000002.jpg")  # between the limit and twice it: PIL warns
     with pytest.raises(BadImageError, match="too large to decode safely") as error:
         load_image(root / SPLIT / "000002.jpg")
