@@ -481,6 +481,7 @@ def add_parser(sub) -> None:
     t.add_argument("--compare", action="store_true", help="eager/compiled x fp32/bf16 side by side")
     t.add_argument("--real-data", action="store_true", help="read the prepared scenes instead of random inputs")
     t.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of a few steps")
+    t.add_argument("--plot", metavar="PNG", default=None, help="also draw samples/s and MFU per mode into this file")
     g = what.add_parser("generate", parents=[common, model, gen], help="KV cache vs recomputation")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
     what.add_parser("data", parents=[common, model, steps, data], help="loader speed vs training speed")
@@ -507,6 +508,13 @@ def run(args) -> None:
             for c, b in modes
         ]
         text.append(format_train(out["train"]))
+        if getattr(args, "plot", None):
+            from .viz import plot_throughput  # matplotlib only when a plot is asked for
+
+            m, r0 = out["machine"], out["train"][0]
+            title = f"preset {args.preset}, batch {r0['batch_size']}, {m['name']}, {m['threads']} threads"
+            plot_throughput(out["train"], title, args.plot)
+            text.append(f"plot: {args.plot}")
         if getattr(args, "profile", False):
             out["profile"] = profile_train(preset, *modes[0], device=device)
             text.append(f"torch.profiler, {_mode_name(*modes[0])}, ops by self time:\n{out['profile']}")

@@ -267,3 +267,20 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path | None = None):
         fig.savefig(out_path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def plot_throughput(rows: list[dict], title: str = "", out_path: str | Path | None = None) -> Figure:
+    """Bars of samples/s and MFU for the rows of `python -m nanovlm bench train` (one bar per mode)."""
+    names = [f"{'compiled' if r['compile'] else 'eager'}\n{r['dtype']}" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    left.bar(names, [r["samples_per_s"] for r in rows], color="tab:blue")
+    left.set(ylabel="samples / s", title="Training throughput")
+    right.bar(names, [100 * r["mfu"] for r in rows], color="tab:orange")
+    right.set(ylabel="% of the matmul peak", title="MFU (against the peak of its own dtype)")
+    for ax, key, fmt in ((left, "samples_per_s", "{:.0f}"), (right, "mfu", "{:.0%}")):
+        for x, r in enumerate(rows):
+            ax.annotate(fmt.format(r[key]), (x, ax.get_ylim()[1] * 0.02), ha="center", color="white")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _finish(fig, out_path)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch.nn as nn
 
-from nanovlm import bench
+from nanovlm import bench, viz
 from nanovlm.data import PackedSplit
 from nanovlm.decoder import DecoderConfig
 from nanovlm.pipeline import load_tokenizer
@@ -142,6 +142,24 @@ def test_bench_train_json_has_samples_per_s_at_the_top(quick_peak, capsys):
     assert out["samples_per_s"] > 0 and out["mfu"] > 0 and out["preset"] == "tiny"
     assert out["machine"]["threads"] >= 1 and len(out["machine"]["load_average"]) == 3
     assert set(out["peak"]["flops"]) == {"fp32", "bf16"}
+
+
+def test_bench_train_plot_draws_one_bar_per_mode(quick_peak, tmp_path, capsys):
+    png = tmp_path / "bench.png"
+    bench.cli(["train", "--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--plot", str(png)])
+    assert f"plot: {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = viz.plot_throughput(
+        [
+            {"compile": c, "dtype": d, "samples_per_s": 100.0 + i, "mfu": 0.1 * (i + 1)}
+            for i, (c, d) in enumerate([(False, "float32"), (True, "bfloat16")])
+        ],
+        "two modes",
+    )
+    left, right = fig.axes
+    assert [round(p.get_height(), 6) for p in left.patches] == [100.0, 101.0]
+    assert [round(p.get_height(), 6) for p in right.patches] == [10.0, 20.0]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["eager\nfloat32", "compiled\nbfloat16"]
 
 
 def test_bench_generate_prints_a_table_or_json(capsys):
