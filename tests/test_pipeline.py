@@ -59,6 +59,32 @@ def test_caption_command_reads_any_image_file(tiny_scenes, tmp_path):
     assert missing.returncode == 2 and "nope.png" in missing.stderr
 
 
+def test_token_loss_tool_accounts_for_every_target_token(tiny_scenes, tmp_path):
+    from pathlib import Path
+
+    from nanovlm.data import Loader, PackedSplit
+    from nanovlm.vlm import VLM
+
+    out = tmp_path / "run"
+    cli("train", "--data", tiny_scenes, "--out", out, "--max-steps", 2, "--eval-every", 2, "--batch-size", 8,
+        "--no-report", *SMALL_MODEL)  # fmt: skip
+    tool = Path(__file__).parent.parent / "tools" / "token_loss.py"
+    result = subprocess.run(
+        [sys.executable, tool, out / "best", "--data", tiny_scenes, "--n", "16", "--top", "1000"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.rsplit(maxsplit=4) for line in result.stdout.splitlines()[2:]]
+    assert rows and all(len(r) == 5 for r in rows)
+    shares, counts = [float(r[1].rstrip("%")) for r in rows], [int(r[4]) for r in rows]
+    assert abs(sum(shares) - 100) < 0.1 * len(rows)  # every token's share, each rounded to 0.1 %
+    assert shares == sorted(shares, reverse=True)
+    model, tok = VLM.load(out / "best")
+    loader = Loader(PackedSplit(tiny_scenes / "prepared" / "val_32"), tok, 16, model.cfg.max_text_len,
+                    first_caption_prob=1.0, seed=5)  # fmt: skip
+    assert sum(counts) == int((loader.batch(0)["targets"] != -100).sum())
+
+
 def write_tiny_coco(root, n=6):
     """A COCO-layout folder: train2017/ and val2017/ JPEGs with captions in the official JSON layout."""
     rng = np.random.default_rng(0)
