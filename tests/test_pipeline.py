@@ -3,12 +3,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from nanovlm import scenes
+from nanovlm.data import Loader, PackedSplit, prepare
+from nanovlm.vlm import VLM
 
 SMALL_MODEL = (
     "--image-size 32 --vocab-size 300 --max-text-len 40 --vit-patch-size 8 --vit-dim 32 --vit-n-layers 1 "
@@ -60,11 +63,6 @@ def test_caption_command_reads_any_image_file(tiny_scenes, tmp_path):
 
 
 def test_token_loss_tool_accounts_for_every_target_token(tiny_scenes, tmp_path):
-    from pathlib import Path
-
-    from nanovlm.data import Loader, PackedSplit
-    from nanovlm.vlm import VLM
-
     out = tmp_path / "run"
     cli("train", "--data", tiny_scenes, "--out", out, "--max-steps", 2, "--eval-every", 2, "--batch-size", 8,
         "--no-report", *SMALL_MODEL)  # fmt: skip
@@ -80,7 +78,7 @@ def test_token_loss_tool_accounts_for_every_target_token(tiny_scenes, tmp_path):
     assert abs(sum(shares) - 100) < 0.1 * len(rows)  # every token's share, each rounded to 0.1 %
     assert shares == sorted(shares, reverse=True)
     model, tok = VLM.load(out / "best")
-    loader = Loader(PackedSplit(tiny_scenes / "prepared" / "val_32"), tok, 16, model.cfg.max_text_len,
+    loader = Loader(PackedSplit(prepare(tiny_scenes, "val", 32)), tok, 16, model.cfg.max_text_len,
                     first_caption_prob=1.0, seed=5)  # fmt: skip
     assert sum(counts) == int((loader.batch(0)["targets"] != -100).sum())
 

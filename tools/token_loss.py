@@ -12,33 +12,33 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from nanovlm.data import Loader, PackedSplit
-from nanovlm.vlm import VLM
+from nanovlm.data import Loader, PackedSplit, prepare
+from nanovlm.vlm import IGNORE, VLM
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="a saved model directory, e.g. runs/scenes/best")
-    p.add_argument("--data", default="data/scenes", help="dataset root holding prepared/val_<size>")
+    p.add_argument("--data", default="data/scenes", help="dataset root whose val split is scored")
     p.add_argument("--n", type=int, default=250, help="validation captions to score")
     p.add_argument("--top", type=int, default=25, help="tokens to print")
     args = p.parse_args()
 
     model, tok = VLM.load(args.ckpt)
-    split = PackedSplit(f"{args.data}/prepared/val_{model.cfg.vit.image_size}")
+    split = PackedSplit(prepare(args.data, "val", model.cfg.vit.image_size))  # as `nanovlm eval` finds it
     loader = Loader(split, tok, args.n, model.cfg.max_text_len, first_caption_prob=1.0, seed=5)
     batch = loader.batch(0)
     with torch.no_grad():
         logits, _ = model(batch["images"], batch["input_ids"])
     targets = batch["targets"].flatten()
-    losses = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="none")
+    losses = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=IGNORE, reduction="none")
     right = logits.flatten(0, 1).argmax(-1) == targets
 
     per_token = defaultdict(lambda: [0.0, 0, 0])  # token -> [loss sum, count, correct]
     for t, loss, ok in zip(targets.tolist(), losses.tolist(), right.tolist(), strict=True):
-        if t == -100:
+        if t == IGNORE:
             continue
-        entry = per_token[repr(tok.decode([t])) if t < tok.eot else "<end>"]
+        entry = per_token["<end>" if t == tok.eot else repr(tok.decode([t]))]
         entry[0] += loss
         entry[1] += 1
         entry[2] += ok
