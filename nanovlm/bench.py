@@ -8,8 +8,8 @@
     python -m nanovlm bench all                       all of the above in one run
 
 Every figure is measured now, on this machine; nothing is looked up. Training runs the real
-`Trainer.train_step` (forward, loss, backward, gradient clipping, AdamW) on random images and token ids of
-the preset's shape (or, with --real-data, on a Loader over the prepared scenes); generation runs
+`Trainer.train_step` (forward, loss, backward, gradient clipping, the preset's optimizer) on random
+images and token ids of the preset's shape (or, with --real-data, on a Loader over the prepared scenes); generation runs
 `VLM.generate` on a randomly initialised model. Warm-up steps (and torch.compile's compilation) are not
 timed; step times are medians. Add --json for machine-readable output. On a shared machine the figures
 move with the load: the load average is printed with them.
@@ -52,8 +52,9 @@ def model_flops_per_sample(cfg: VLMConfig, text_len: int) -> int:
     - attention: Q K^T and A V are 2 x S^2 x d each per layer forward, so 12 x n_layers x S^2 x d forward
       + backward per sequence, for the ViT (S = N patches) and the decoder (S = N_img + T) separately.
       The causal decoder is counted over the whole S x S square, as PaLM's MFU does.
-    Not counted: biases, layer norms, GELU, softmax, embedding look-ups, cross-entropy and the AdamW
-    update (elementwise work), nor that the images need no input gradient. The count assumes every
+    Not counted: biases, layer norms, GELU, softmax, embedding look-ups, cross-entropy and the optimizer
+    update (AdamW is elementwise; Muon's Newton-Schulz products act on the weights, once per step, not per
+    sample), nor that the images need no input gradient. The count assumes every
     component trains (the "full" and "instruct" stages).
     """
     vit, proj, dec = cfg.vit, cfg.projector, cfg.decoder
@@ -231,6 +232,7 @@ def bench_train(
         "image_tokens": model_cfg.n_image_tokens,
         "text_len": T,
         "params": sum(p.numel() for p in trainer.model.parameters()),
+        "optimizer": run.train.optimizer,
         "steps": steps,
         "warmup_steps": warmup,
         "warmup_s": warmup_s,
@@ -394,7 +396,8 @@ def format_train(rows: list[dict]) -> str:
         f"training, preset {r0.get('preset', 'custom')}: {r0['params'] / 1e6:.2f}M params, batch {r0['batch_size']}, "
         f"{r0['image_tokens']} image + {r0['text_len']} text tokens, {r0['flops_per_sample'] / 1e9:.3f} GFLOP "
         f"per sample (model_flops_per_sample)\ninputs: {r0['inputs']}; real Trainer.train_step "
-        f"(forward, loss, backward, clip, AdamW); median of {r0['steps']} steps after {r0['warmup_steps']} warm-up"
+        f"(forward, loss, backward, clip, {r0.get('optimizer', 'adamw')}); "
+        f"median of {r0['steps']} steps after {r0['warmup_steps']} warm-up"
     )
     table = [
         [

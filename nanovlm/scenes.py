@@ -251,10 +251,10 @@ RELATION_WORDS = {
 }
 
 
-def captions(scene: dict, rng: random.Random, n: int = 5) -> list[str]:
+def captions(scene: dict, rng: random.Random, image_size: int, n: int = 5) -> list[str]:
     """n captions of a scene: captions[0] is the canonical form, the others vary wording and order."""
     objects = scene["objects"]
-    out = [canonical_caption(objects)]
+    out = [canonical_caption(objects, image_size)]
     templates = [_t_there_are, _t_prefix, _t_shown, _t_sentences, _t_ordered, _t_relation_first, _t_list_then_relation]
     rng.shuffle(templates)
     for attempt in range(20 * n):
@@ -266,14 +266,18 @@ def captions(scene: dict, rng: random.Random, n: int = 5) -> list[str]:
     return out
 
 
-def canonical_caption(objects: list[dict]) -> str:
-    """Every object group in a fixed attribute order (colour, shape, size), plus the first relation that holds.
+def canonical_caption(objects: list[dict], image_size: int) -> str:
+    """Every object group in a fixed attribute order (colour, shape, size), where each one-of-a-kind object
+    is, then the first relation that holds.
 
     A fixed order makes the caption a function of what is in the image, not of where: the model only
-    has to find each kind of object, and the one relation sentence is where position matters.
+    has to find each kind of object. The location words ("at the top left") come before the relation
+    sentence, so the model can read the relation off positions it has already written down: with them
+    the main job states relations right 89 % of the time instead of about 60 % (see the README).
     """
     groups = sorted(_groups(objects), key=lambda g: _attribute_rank(g[0]))
-    text = _join([_phrase(len(members), *key) for key, members in groups]) + "."
+    places = [f" {where(objects[m[0]], image_size)}" if len(m) == 1 else "" for _, m in groups]
+    text = _join([_phrase(len(m), *key) + place for (key, m), place in zip(groups, places, strict=True)]) + "."
     listed = {i: r for r, (_, members) in enumerate(groups) for i in members}
     pairs = sorted(relation_pairs(objects), key=lambda p: sorted((listed[p[0]], listed[p[2]])))
     if pairs:
@@ -283,6 +287,19 @@ def canonical_caption(objects: list[dict]) -> str:
         full = ("size", "color", "shape")
         text += f" the {_words(objects[i], full)} is {RELATION_WORDS[relation][0]} the {_words(objects[j], full)}."
     return _sentence_case(text)
+
+
+WHERE = (
+    ("at the top left", "at the top", "at the top right"),
+    ("on the left", "in the middle", "on the right"),
+    ("at the bottom left", "at the bottom", "at the bottom right"),
+)
+
+
+def where(obj: dict, image_size: int) -> str:
+    """The ninth of the image (a 3 x 3 grid) that holds the object's centre, in words."""
+    row, col = (min(2, int(obj[c] * 3 / image_size)) for c in ("cy", "cx"))
+    return WHERE[row][col]
 
 
 def _attribute_rank(kind: tuple[str, str, str]) -> tuple[int, int, int]:
@@ -729,7 +746,7 @@ def _q_relation(objects: list[dict], rng: random.Random, cfg: SceneConfig) -> tu
 # ---------------------------------------------------------------------------------------------------
 # Writing a dataset: images, COCO-layout captions, scene records with questions, and a `done` marker
 
-FORMAT_VERSION = 2  # bump when the output for a given config changes, so old datasets are regenerated
+FORMAT_VERSION = 3  # bump when the output for a given config changes, so old datasets are regenerated
 
 
 def split_sizes(cfg: SceneConfig) -> dict[str, int]:
@@ -748,7 +765,7 @@ def make_example(cfg: SceneConfig, split: str, image_id: int) -> tuple[dict, lis
     rng = random.Random(f"{cfg.seed}-{image_id}")
     scene = sample_scene(rng, cfg, image_id, novel=split == "novel")
     qa = [{"image_id": image_id, **q} for q in questions(scene, rng, cfg)]
-    return scene, captions(scene, rng, cfg.captions_per_image), qa
+    return scene, captions(scene, rng, cfg.image_size, cfg.captions_per_image), qa
 
 
 def build_split(cfg: SceneConfig, split: str) -> tuple[list[dict], list[list[str]], list[dict]]:
@@ -773,6 +790,8 @@ def generate(
         return root
     check_config(cfg)
     marker.unlink(missing_ok=True)
+    for tokenizer in root.glob("tokenizer-*.tiktoken"):  # trained on the captions about to be replaced
+        tokenizer.unlink()
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 8)
     bar = tqdm(total=sum(split_sizes(cfg).values()), desc="scenes", unit="img", disable=not progress)

@@ -1,9 +1,10 @@
 """The training loop: one plain PyTorch loop that serves every stage of training a VLM.
 
 Each step: fetch grad_accum micro-batches, forward, loss (mean over the target tokens of the whole
-step), backward, clip the gradient norm, AdamW update with a warmup + cosine learning rate. Around it:
-periodic evaluation on held-out data, atomic checkpoints that hold everything needed to continue
-exactly (model, optimizer, step, data position, random state), a metrics log and a progress bar.
+step), backward, clip the gradient norm, an AdamW (or Muon + AdamW) update with a warmup + cosine
+learning rate. Around it: periodic evaluation on held-out data, atomic checkpoints that hold everything
+needed to continue exactly (model, optimizer, step, data position, random state), a metrics log and a
+progress bar.
 
 The stages of the literature are configurations of this one loop (`STAGES`):
 - "text":     the decoder learns the language of captions alone (images are not used);
@@ -52,6 +53,7 @@ class TrainConfig:
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 50  # linear warmup from 0 to lr
     weight_decay: float = 0.1  # applied to weight matrices and embeddings only
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     eval_every: int = 250  # steps between evaluations (and checkpoints)
@@ -74,6 +76,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adamw or muon")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
@@ -94,16 +98,63 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: VLM, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
+def make_optimizer(model: VLM, cfg: TrainConfig, fused: bool = True) -> "torch.optim.Optimizer | MuonAdamW":
     """AdamW over the trainable parameters; weight decay on matrices, not on biases and norms.
 
-    fused=True updates all parameters in one kernel (CPU and CUDA): 3x faster than a loop over tensors here.
+    With cfg.optimizer == "muon", the 2-D weight matrices inside the ViT and decoder blocks and the projector's
+    go to Muon instead; embeddings (patch, position, token: the token one is also the output layer), biases
+    and norms stay with AdamW. fused=True updates all AdamW parameters in one kernel (CPU and CUDA): 3x
+    faster than a loop over tensors here.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    to_muon = {n for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and is_hidden_matrix(n)}
+    hidden = [p for n, p in named if n in to_muon]
+    rest = [p for n, p in named if n not in to_muon]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    if not hidden:
+        return adamw
+    # match_rms_adamw scales each matrix's step to the size of an AdamW step, so one learning rate suits both
+    muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw)
+
+
+def is_hidden_matrix(name: str) -> bool:
+    """A weight matrix that maps one hidden representation to another: what Muon is for."""
+    return ".blocks." in name or name.startswith("projector.")
+
+
+class MuonAdamW:
+    """Muon and AdamW stepped together, with the interface of one optimizer as far as the Trainer uses it.
+
+    Muon (Jordan et al. 2024, torch.optim.Muon) keeps a momentum of each weight matrix's gradient and
+    replaces it by the nearest orthogonal matrix (five Newton-Schulz iterations) before the update, so
+    every direction of the matrix moves at the same rate instead of a few dominant ones.
+    """
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:  # a property: load_state_dict replaces the groups' dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def set_trainable(model: VLM, components: tuple[str, ...]) -> None:
@@ -144,7 +195,7 @@ class Trainer:
     # ---- one optimizer step -------------------------------------------------------------------
 
     def train_step(self) -> float:
-        """Run grad_accum micro-batches and one AdamW update; return the step's mean loss."""
+        """Run grad_accum micro-batches and one optimizer update; return the step's mean loss."""
         batches = [self._to_device(next(self.train_batches)) for _ in range(self.cfg.grad_accum)]
         # normalise by the target tokens of the whole step on all processes, so that the loss (and the
         # gradient) is the same as one big batch on one process, whatever the caption lengths
@@ -306,6 +357,9 @@ class Trainer:
         state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
         if state["train_config"]["stage"] != self.cfg.stage:
             raise ValueError(f"{directory} is a {state['train_config']['stage']!r} run, not {self.cfg.stage!r}")
+        optimizer = state["train_config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+        if optimizer != self.cfg.optimizer:
+            raise ValueError(f"{directory} was trained with {optimizer}, not {self.cfg.optimizer}; set --optimizer")
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["loader"])
         self.step, self.best_val, self.samples_seen = state["step"], state["best_val"], state["samples_seen"]

@@ -67,9 +67,36 @@ def test_generate_skips_a_finished_dataset_and_redoes_an_interrupted_or_changed_
     first.unlink()
     scenes.generate(tmp_path, cfg, progress=False, workers=1)
     assert first.exists() and (root / "done").exists()
+    (root / "tokenizer-300.tiktoken").write_text("trained on the old captions")
     scenes.generate(tmp_path, scenes.SceneConfig(n_train=3, n_val=1, n_test=1, n_novel=0), progress=False, workers=1)
+    assert not (root / "tokenizer-300.tiktoken").exists(), "a tokenizer of the old captions must not outlive them"
     assert sorted(p.name for p in (root / "train").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert not (root / "annotations" / "scenes_novel.json").exists()
+
+
+def test_canonical_caption_says_where_each_one_of_a_kind_object_is():
+    def obj(shape, color, cx, cy):
+        bbox = [cx - 4, cy - 4, cx + 4, cy + 4]
+        return {"shape": shape, "color": color, "size": "small", "cx": cx, "cy": cy, "bbox": bbox}
+
+    # the 3 x 3 grid's cells on a 64-pixel image: thirds end at 21.3 and 42.7 pixels
+    assert scenes.where(obj("circle", "red", 5, 5), 64) == "at the top left"
+    assert scenes.where(obj("circle", "red", 32, 32), 64) == "in the middle"
+    assert scenes.where(obj("circle", "red", 43, 20), 64) == "at the top right"
+    assert scenes.where(obj("circle", "red", 42, 63.9), 64) == "at the bottom"
+    assert scenes.where(obj("circle", "red", 10, 16), 32) == "on the left"
+    twins = [obj("square", "blue", 8, 50), obj("square", "blue", 56, 50)]  # a group: its count, no place
+    caption = scenes.canonical_caption([obj("circle", "red", 56, 8), *twins], 64)
+    assert caption == "A small red circle at the top right and two small blue squares."
+    caption = scenes.canonical_caption([obj("circle", "red", 56, 8), twins[0], obj("triangle", "green", 30, 50)], 64)
+    assert caption == (
+        "A small red circle at the top right, a small green triangle at the bottom and a small blue square at "
+        "the bottom left. The small red circle is above the small green triangle."
+    )
+    parsed = scenes.parse_caption(caption)  # the place words are read past, not taken for objects or relations
+    assert [(o["color"], o["shape"]) for o in parsed["objects"]] == [("red", "circle"), ("green", "triangle"),
+                                                                     ("blue", "square")]  # fmt: skip
+    assert [r["relation"] for r in parsed["relations"]] == ["above"]
 
 
 def test_splits_share_no_image(dataset):
@@ -116,7 +143,7 @@ def test_every_caption_parses_back_to_exactly_the_truth_and_its_relations_hold(s
     relations = 0
     for record, caps in zip(records, texts, strict=True):
         objects = record["objects"]
-        assert len(caps) >= 5 and caps[0] == scenes.canonical_caption(objects)
+        assert len(caps) >= 5 and caps[0] == scenes.canonical_caption(objects, TEXT_ONLY.image_size)
         for caption in caps:
             parsed = scenes.parse_caption(caption)
             assert parsed["parsed"] and _stated(parsed) == _truth(objects), caption

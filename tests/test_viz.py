@@ -35,7 +35,7 @@ def image() -> np.ndarray:
 def tokenizer() -> Tokenizer:
     rng = random.Random(0)
     cfg = scenes.SceneConfig(image_size=32)
-    texts = [c for i in range(20) for c in scenes.captions(scenes.sample_scene(rng, cfg, i), rng)]
+    texts = [c for i in range(20) for c in scenes.captions(scenes.sample_scene(rng, cfg, i), rng, cfg.image_size)]
     return Tokenizer.train(texts, vocab_size=300)
 
 
