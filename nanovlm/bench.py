@@ -9,8 +9,8 @@
 
 Every figure is measured now, on this machine; nothing is looked up. Training runs the real
 `Trainer.train_step` (forward, loss, backward, gradient clipping, the preset's optimizer) on random
-images and token ids of the preset's shape (or, with --real-data, on a Loader over the prepared scenes); generation runs
-`VLM.generate` on a randomly initialised model. Warm-up steps (and torch.compile's compilation) are not
+images and token ids of the preset's shape (or, with --real-data, on a Loader over the prepared scenes);
+generation runs `VLM.generate` on a randomly initialised model. Warm-up steps (and torch.compile's compilation) are not
 timed; step times are medians. Add --json for machine-readable output. On a shared machine the figures
 move with the load: the load average is printed with them.
 """
@@ -396,7 +396,7 @@ def format_train(rows: list[dict]) -> str:
         f"training, preset {r0.get('preset', 'custom')}: {r0['params'] / 1e6:.2f}M params, batch {r0['batch_size']}, "
         f"{r0['image_tokens']} image + {r0['text_len']} text tokens, {r0['flops_per_sample'] / 1e9:.3f} GFLOP "
         f"per sample (model_flops_per_sample)\ninputs: {r0['inputs']}; real Trainer.train_step "
-        f"(forward, loss, backward, clip, {r0.get('optimizer', 'adamw')}); "
+        f"(forward, loss, backward, clip, {r0['optimizer']}); "
         f"median of {r0['steps']} steps after {r0['warmup_steps']} warm-up"
     )
     table = [
