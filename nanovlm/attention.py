@@ -82,7 +82,7 @@ class KVCache:
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention with optional causal and padding masks and a KV cache."""
+    """Multi-head self-attention with optional causal and padding masks and a KV cache (no biases, as in vit.py)."""
 
     def __init__(self, dim: int, n_heads: int, layer: int = 0) -> None:
         super().__init__()
@@ -90,8 +90,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.layer = layer  # which slot of a shared KVCache this module uses
-        self.qkv = nn.Linear(dim, 3 * dim)  # queries, keys and values of all heads in one matmul
-        self.proj = nn.Linear(dim, dim)  # mixes the heads' outputs back into the residual stream
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # queries, keys and values of all heads in one matmul
+        self.proj = nn.Linear(dim, dim, bias=False)  # mixes the heads' outputs back into the residual stream
 
     def forward(
         self,

@@ -52,7 +52,7 @@ def model_flops_per_sample(cfg: VLMConfig, text_len: int) -> int:
     - attention: Q K^T and A V are 2 x S^2 x d each per layer forward, so 12 x n_layers x S^2 x d forward
       + backward per sequence, for the ViT (S = N patches) and the decoder (S = N_img + T) separately.
       The causal decoder is counted over the whole S x S square, as PaLM's MFU does.
-    Not counted: biases, layer norms, GELU, softmax, embedding look-ups, cross-entropy and the optimizer
+    Not counted: layer norms, GELU, softmax, embedding look-ups, cross-entropy and the optimizer
     update (AdamW is elementwise; Muon's Newton-Schulz products act on the weights, once per step, not per
     sample), nor that the images need no input gradient. The count assumes every
     component trains (the "full" and "instruct" stages).

@@ -4,7 +4,8 @@
 
 The causal mask lets position t attend to positions <= t only, so one forward pass trains all T next-token
 predictions at once. The output head shares its weights with the token embedding (weight tying): the same
-matrix maps tokens to vectors and vectors back to token scores, which saves V x D parameters.
+matrix maps tokens to vectors and vectors back to token scores, which saves V x D parameters. The linear
+layers have no biases (as in LLaMA): the layer norms learn the shifts, and a bias costs a pass over memory.
 
 A VLM feeds this model image tokens before the text: `hidden(embeds)` takes any sequence of D-wide
 vectors, `embed(tokens)` and `head(hidden)` are the two ends.
@@ -66,8 +67,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.layer = layer  # index into the KV cache
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.keep_weights = False  # set True to store attention weights (for pictures); slower
         self.weights: torch.Tensor | None = None  # (B, nh, T, T_keys) when keep_weights
 
@@ -103,8 +104,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(dim, hidden)
-        self.proj = nn.Linear(hidden, dim)
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))

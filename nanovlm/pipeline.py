@@ -6,6 +6,7 @@ model, then captions held-out images and prints them next to the truth with the 
 """
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def prepare_splits(data: DataConfig) -> dict[str, PackedSplit]:
         if marker.is_file():
             stored = json.loads(marker.read_text())["config"]
             cfg = scenes.SceneConfig(**{k: _tuples(v) for k, v in stored.items()})
+            if cfg.n_train != data.n_train:
+                print(
+                    f"note: {root} holds {cfg.n_train} training scenes, not the {data.n_train} asked for; using "
+                    f"them as they are (delete {root} to draw {data.n_train})",
+                    file=sys.stderr,
+                )
         else:
             cfg = scenes.SceneConfig(image_size=data.image_size, n_train=data.n_train)
         scenes.generate(root, cfg)

@@ -1,7 +1,8 @@
 """The projector: the bridge from the vision encoder's space to the language model's.
 
 The ViT speaks in D_vision-wide patch vectors; the decoder reads D_text-wide token embeddings. A small
-MLP maps one to the other, so that image patches become "words" the decoder can attend to (LLaVA).
+MLP maps one to the other, so that image patches become "words" the decoder can attend to (LLaVA). Its
+linear layers have no biases, like the ViT's and the decoder's.
 
 Optional pixel shuffle first trades sequence length for width: each s x s square of neighbouring patch
 vectors is concatenated into one vector, so the decoder reads s^2 times fewer image tokens, each s^2
@@ -44,8 +45,8 @@ class Projector(nn.Module):
     def __init__(self, cfg: ProjectorConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.fc = nn.Linear(cfg.in_dim * cfg.pixel_shuffle**2, cfg.hidden_mult * cfg.out_dim)
-        self.proj = nn.Linear(cfg.hidden_mult * cfg.out_dim, cfg.out_dim)
+        self.fc = nn.Linear(cfg.in_dim * cfg.pixel_shuffle**2, cfg.hidden_mult * cfg.out_dim, bias=False)
+        self.proj = nn.Linear(cfg.hidden_mult * cfg.out_dim, cfg.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.pixel_shuffle > 1:

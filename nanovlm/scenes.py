@@ -54,7 +54,7 @@ class SceneConfig:
     sizes: tuple[str, ...] = tuple(SIZES)  # sizes to use, names from SIZES
     repeat_prob: float = 0.3  # chance that a multi-object image repeats one object 2-3 times (counting)
     max_iou: float = 0.02  # largest allowed intersection-over-union of two objects' boxes
-    n_train: int = 20000  # images in split "train"
+    n_train: int = 40000  # images in split "train"
     n_val: int = 1000  # images in split "val"
     n_test: int = 1000  # images in split "test"
     n_novel: int = 500  # images in split "novel": each holds at least one held-out combination

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .muon import Muon
 from .tokenizer import Tokenizer
 from .vlm import IGNORE, VLM
 
@@ -116,9 +117,8 @@ def make_optimizer(model: VLM, cfg: TrainConfig, fused: bool = True) -> "torch.o
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
     if not hidden:
         return adamw
-    # match_rms_adamw scales each matrix's step to the size of an AdamW step, so one learning rate suits both
-    muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
-    return MuonAdamW(muon, adamw)
+    # Muon scales each matrix's step to the size of an AdamW step (muon.rms_scale), so one learning rate suits both
+    return MuonAdamW(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay), adamw)
 
 
 def is_hidden_matrix(name: str) -> bool:
@@ -129,12 +129,12 @@ def is_hidden_matrix(name: str) -> bool:
 class MuonAdamW:
     """Muon and AdamW stepped together, with the interface of one optimizer as far as the Trainer uses it.
 
-    Muon (Jordan et al. 2024, torch.optim.Muon) keeps a momentum of each weight matrix's gradient and
-    replaces it by the nearest orthogonal matrix (five Newton-Schulz iterations) before the update, so
-    every direction of the matrix moves at the same rate instead of a few dominant ones.
+    Muon (nanovlm/muon.py) keeps a momentum of each weight matrix's gradient and replaces it by a nearly
+    orthogonal matrix (five Newton-Schulz iterations) before the update, so every direction of the matrix
+    moves at the same rate instead of a few dominant ones.
     """
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW) -> None:
         self.muon, self.adamw = muon, adamw
 
     @property

@@ -4,7 +4,8 @@
 
 with N = (H / P) * (W / P). Every patch attends to every other patch (no causal mask): the encoder sees
 the whole picture at once. Blocks are pre-norm, x + attn(norm(x)) then x + mlp(norm(x)), which trains
-stably without warm-up tricks.
+stably without warm-up tricks. The linear layers have no biases (as in LLaMA): the layer norm in front of
+each block already learns a shift, and on a CPU each bias costs one more pass over the layer's output.
 
 This file is self-contained (torch and einops only) so it can be copied alone into another project;
 nanovlm/attention.py explains the attention it uses in detail.
@@ -50,8 +51,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
@@ -64,8 +65,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(dim, hidden)
-        self.proj = nn.Linear(hidden, dim)
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
@@ -92,7 +93,7 @@ class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Linear(cfg.patch_size**2 * cfg.channels, cfg.dim)
+        self.patch_embed = nn.Linear(cfg.patch_size**2 * cfg.channels, cfg.dim, bias=False)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.n_patches, cfg.dim) * 0.02)  # one vector per patch slot
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)

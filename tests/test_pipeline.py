@@ -111,3 +111,12 @@ def test_coco_preset_smoke_run_on_cpu(tmp_path):
     assert "object F1" not in result.stdout  # no scene records for COCO
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["n_images"] == 6 and "cider" in report["model"]
+
+
+def test_a_dataset_drawn_with_another_size_is_used_and_named(tiny_scenes, capsys):
+    from nanovlm.pipeline import prepare_splits
+    from nanovlm.presets import DataConfig
+
+    splits = prepare_splits(DataConfig(root=str(tiny_scenes), image_size=32, n_train=60000))
+    assert len(splits["train"]) == 128  # nothing redrawn: the tests' scenes are kept
+    assert f"{tiny_scenes} holds 128 training scenes, not the 60000 asked for" in capsys.readouterr().err
