@@ -204,17 +204,19 @@ def resize_image(img: Image.Image, size: int, resize: str = "crop") -> np.ndarra
     """Square (size, size, 3) uint8 array keeping aspect: centre crop ("crop") or letterbox ("pad")."""
     w, h = img.size
     bicubic = Image.Resampling.BICUBIC
+    if resize not in ("crop", "pad"):
+        raise ValueError(f"resize={resize!r}; use 'crop' (centre crop) or 'pad' (letterbox)")
+    if (w, h) == (size, size):  # already the right size (the scenes): both ways would copy it unchanged
+        return np.asarray(img, dtype=np.uint8)
     if resize == "crop":  # scale the shorter side to `size`, cut the middle of the longer one
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
         out = img.resize((size, size), bicubic, box=(left, top, left + side, top + side), reducing_gap=3.0)
-    elif resize == "pad":  # scale the longer side to `size`, centre on PAD_COLOR
+    else:  # "pad": scale the longer side to `size`, centre on PAD_COLOR
         scale = size / max(w, h)
         small = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), bicubic, reducing_gap=3.0)
         out = Image.new("RGB", (size, size), PAD_COLOR)
         out.paste(small, ((size - small.width) // 2, (size - small.height) // 2))
-    else:
-        raise ValueError(f"resize={resize!r}; use 'crop' (centre crop) or 'pad' (letterbox)")
     return np.asarray(out, dtype=np.uint8)
 
 

@@ -273,7 +273,7 @@ def canonical_caption(objects: list[dict], image_size: int) -> str:
     A fixed order makes the caption a function of what is in the image, not of where: the model only
     has to find each kind of object. The location words ("at the top left") come before the relation
     sentence, so the model can read the relation off positions it has already written down: with them
-    the main job's stated relations hold 84-90 % of the time (three seeds) instead of about 60 % (README).
+    the main job's stated relations hold 89-91 % of the time (three seeds) instead of about 60 % (README).
     """
     groups = sorted(_groups(objects), key=lambda g: _attribute_rank(g[0]))
     places = [f" {where(objects[m[0]], image_size)}" if len(m) == 1 else "" for _, m in groups]
