@@ -147,7 +147,16 @@ class VLM(nn.Module):
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{directory / 'config.json'} is not a valid nanovlm config: {e}") from e
         model = cls(cfg)
-        load_model(model, str(directory / "model.safetensors"), device=device)
+        path = directory / "model.safetensors"
+        missing, unexpected = load_model(model, str(path), strict=False, device=device)
+        if missing or unexpected:
+            if not missing and all(k.endswith(".bias") and "ln" not in k for k in unexpected):
+                raise ValueError(
+                    f"{path} holds biases for {len(unexpected)} linear layers: it was saved by a nanovlm from before "
+                    "the linear layers lost their biases, and cannot be loaded into this one; train it again"
+                )
+            keys = f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            raise ValueError(f"{path} does not fit its config.json: {keys}")
         return model.to(device).eval(), Tokenizer.load(directory / "tokenizer.tiktoken")
 
 

@@ -255,6 +255,22 @@ def test_save_load_gives_identical_outputs(model, tmp_path):
         VLM.load(tmp_path / "m")
 
 
+def test_loading_weights_that_do_not_fit_says_why(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nanovlm.tokenizer import Tokenizer
+
+    model.save(tmp_path / "m", Tokenizer.train(["a red circle"] * 5, vocab_size=260))
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    old = {**weights, "vit.patch_embed.bias": torch.zeros(model.cfg.vit.dim)}  # as saved before biases went
+    save_file(old, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match="saved by a nanovlm from before the linear layers lost their biases"):
+        VLM.load(tmp_path / "m")
+    save_file({k: v for k, v in weights.items() if k != "vit.pos_embed"}, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"does not fit its config.json: missing \['vit.pos_embed'\]"):
+        VLM.load(tmp_path / "m")
+
+
 COPY_CHECKS = {
     "attention.py": "m = attention.MultiHeadAttention(16, 2); print(m(torch.randn(1, 5, 16), causal=True).shape)",
     "vit.py": "m = vit.ViT(vit.ViTConfig(image_size=16, patch_size=4, dim=16, n_layers=1, n_heads=2)); "
