@@ -709,7 +709,8 @@ def _q_exists(objects: list[dict], rng: random.Random, cfg: SceneConfig) -> tupl
 
 def _q_absent(objects: list[dict], rng: random.Random, cfg: SceneConfig) -> tuple[str, str, str] | None:
     """An absent object; often a hard one whose colour and shape are both present, just not together."""
-    present = {(o["color"], o["shape"]) for o in objects}
+    present = list(dict.fromkeys((o["color"], o["shape"]) for o in objects))  # in object order: a set's order
+    # would follow Python's per-process string hashing and make the questions differ between runs
     absent = [p for p in _seen_pairs(cfg) if p not in present]
     colors, shapes = {o["color"] for o in objects}, {o["shape"] for o in objects}
     hard = [p for p in absent if p[0] in colors and p[1] in shapes]
