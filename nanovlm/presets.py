@@ -58,7 +58,7 @@ def _scenes() -> RunConfig:
     # object F1 0.63-0.67 over three seeds, Muon 0.97-0.98. With 20,000 training scenes the model learnt
     # them by heart in the last third of the run (train loss 0.012 against validation 0.028 at step 1,500);
     # 60,000 cut the validation loss at step 1,600 by a quarter to a third, and 40,000 costs 20 s less to
-    # draw. A one-head ViT, no biases and Muon's stacked update made a step about 15 % cheaper, so 1,600
+    # draw. A one-head ViT, no biases and Muon's stacked update made a step about 12 % cheaper, so 1,600
     # steps fit in ten minutes (README). Two ViT layers and four decoder layers beat three and three at the
     # same cost per step with two threads.
     return RunConfig(

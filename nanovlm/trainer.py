@@ -357,7 +357,7 @@ class Trainer:
         state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
         if state["train_config"]["stage"] != self.cfg.stage:
             raise ValueError(f"{directory} is a {state['train_config']['stage']!r} run, not {self.cfg.stage!r}")
-        optimizer = state["train_config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+        optimizer = state["train_config"]["optimizer"]
         if optimizer != self.cfg.optimizer:
             raise ValueError(f"{directory} was trained with {optimizer}, not {self.cfg.optimizer}; set --optimizer")
         self.optimizer.load_state_dict(state["optimizer"])
