@@ -18,7 +18,6 @@ move with the load: the load average is printed with them.
 import argparse
 import copy
 import dataclasses
-import itertools
 import json
 import os
 import statistics
@@ -28,8 +27,8 @@ from contextlib import nullcontext, redirect_stdout
 
 import torch
 
+from .config import PRESETS, RunConfig, device_or_auto, get_preset, nonnegative_int, positive_int, positive_ints
 from .data import Loader, PackedSplit, loader_benchmark
-from .presets import PRESETS, RunConfig, get_preset
 from .tokenizer import Tokenizer
 from .trainer import Trainer, resolve_device
 from .vlm import VLM, VLMConfig
@@ -140,8 +139,8 @@ def _sync(device: str) -> None:
 
 def preset_run(name: str, batch_size: int | None = None) -> RunConfig:
     """A preset with its dependent fields filled in and the vocabulary its tokenizer would have."""
-    run = get_preset(name).finalize()
-    run.model.decoder.vocab_size = run.data.vocab_size  # the BPE tokenizer makes exactly this many ids
+    run = get_preset(name)
+    run.finalize(vocab_size=run.data.vocab_size)  # the BPE tokenizer makes exactly this many ids
     if batch_size:
         run.train.batch_size = batch_size
     return run
@@ -161,6 +160,16 @@ def random_batches(run: RunConfig, n: int = 4, seed: int = 0) -> list[dict[str, 
     ]
 
 
+class Cycle:
+    """Stands in for a data.Loader: batch k is one of a few batches made in advance."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        return self.batches[k % len(self.batches)]
+
+
 def prepared_train_split(run: RunConfig) -> tuple[PackedSplit, Tokenizer]:
     """The preset's packed training split and tokenizer, made first if missing (scenes: generated, ~1 min)."""
     from .pipeline import load_tokenizer, prepare_splits
@@ -177,11 +186,11 @@ def make_trainer(
     run = copy.deepcopy(run)
     if real_data:
         split, tokenizer = prepared_train_split(run)
-        run.model.decoder.vocab_size = tokenizer.vocab_size
+        run.finalize(vocab_size=tokenizer.vocab_size)
         batches = Loader(split, tokenizer, run.train.batch_size, run.data.max_text_len, task=run.train.task)
         inputs = f"{split.dir} via data.Loader"
     else:
-        batches = itertools.cycle(random_batches(run))  # made once, so making them is not timed
+        batches = Cycle(random_batches(run))  # made once, so making them is not timed
         inputs = "random images and tokens of the preset's shape"
     cfg = dataclasses.replace(
         run.train, compile="on" if compile else "off", dtype="bf16" if bf16 else "fp32", device=device
@@ -461,21 +470,27 @@ def add_parser(sub) -> None:
     )
     what = p.add_subparsers(dest="what", required=True, metavar="{peak,train,generate,data,all}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    common.add_argument(
+        "--device", type=device_or_auto, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    common.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    common.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model and batch shape (tiny)")
-    model.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    model.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
     steps = argparse.ArgumentParser(add_help=False)
-    steps.add_argument("--steps", type=int, default=10, help="timed training steps (median reported)")
-    steps.add_argument("--warmup", type=int, default=3, help="untimed training steps first (compilation)")
+    steps.add_argument("--steps", type=positive_int, default=10, help="timed training steps (median reported)")
+    steps.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed training steps first (compilation)")
     gen = argparse.ArgumentParser(add_help=False)
-    gen.add_argument("--new-tokens", type=int, default=64, help="tokens generated per caption")
-    gen.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes for generation")
-    gen.add_argument("--repeats", type=int, default=3, help="timed generate() calls (median reported)")
+    gen.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated per caption")
+    gen.add_argument(
+        "--batch-sizes", type=positive_ints, default="1,64", help="comma-separated batch sizes for generation"
+    )
+    gen.add_argument("--repeats", type=positive_int, default=3, help="timed generate() calls (median reported)")
     data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--batches", type=int, default=50, help="loader batches timed")
+    data.add_argument("--batches", type=positive_int, default=50, help="loader batches timed")
 
     what.add_parser("peak", parents=[common], help="matmul FLOP/s of this machine, fp32 and bf16")
     t = what.add_parser("train", parents=[common, model, steps], help="time real training steps")

@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from .data import report
+
 
 @dataclass(frozen=True)
 class Archive:
@@ -57,12 +59,6 @@ ARCHIVES = {
         ("annotations/captions_train2017.json", "annotations/captions_val2017.json"),
     ),
 }
-SPLITS = ("train2017", "val2017")  # split names for data.read_captions / data.prepare
-
-
-def _report(message: str) -> None:
-    """Every message of this module goes out here (tqdm.write keeps progress bars intact)."""
-    tqdm.write(message)
 
 
 class _Interrupted(Exception):
@@ -137,7 +133,7 @@ def _transfer(url: str, part: Path, expected_size: int | None, timeout: float, c
             mode = "ab"
         else:
             if offset:
-                _report(f"{host} ignored the request to resume; downloading {part.name} from the start")
+                report(f"{host} ignored the request to resume; downloading {part.name} from the start")
             length = response.headers["Content-Length"]
             mode, offset, total = "wb", 0, int(length) if length else None
         if expected_size is not None and total is not None and total != expected_size:
@@ -190,7 +186,7 @@ def download(
                 raise ConnectionError(
                     f"download of {url} stopped ({e}); {part} keeps {have} bytes, re-run to resume"
                 ) from e
-            _report(f"download of {dest.name} interrupted ({e}); resuming at byte {have}")
+            report(f"download of {dest.name} interrupted ({e}); resuming at byte {have}")
             if have <= before:  # no progress: give the server a moment
                 time.sleep(attempt + 1)
     _verify(part, expected_size, sha256, delete=True)
@@ -247,7 +243,7 @@ def fetch(
     for name in parts:
         archive = archives[name]
         if all((root / c).exists() for c in archive.contents):
-            _report(f"{name}: already unpacked in {root}")
+            report(f"{name}: already unpacked in {root}")
             continue
         zip_path = root / Path(urlparse(archive.url).path).name
         download(archive.url, zip_path, archive.size, archive.sha256)
@@ -257,5 +253,5 @@ def fetch(
             raise ValueError(f"{zip_path} did not contain {missing}; is it the right archive?")
         if not keep_zips:
             zip_path.unlink()
-        _report(f"{name}: unpacked into {root}" + ("" if keep_zips else f" (deleted {zip_path.name})"))
+        report(f"{name}: unpacked into {root}" + ("" if keep_zips else f" (deleted {zip_path.name})"))
     return root

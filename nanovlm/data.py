@@ -31,14 +31,19 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from .files import replace_dir
+
 MIN_SIDE = 8  # pixels; smaller images carry nothing to caption (and 1x1 files are usually broken)
 PAD_COLOR = (0, 0, 0)  # resize="pad" letterboxes with black bars
-FORMAT_VERSION = 1  # bump when the packed layout changes, so old prepared folders are rebuilt
+PACKED_FORMAT_VERSION = 1  # bump when the packed layout changes, so old prepared folders are rebuilt
 TASKS = ("caption", "qa", "text")
 
 
-def _report(message: str) -> None:
-    """Every message of this module goes to stderr (tqdm.write keeps progress bars intact; stdout stays for results)."""
+def report(message: str) -> None:
+    """A progress note for the person at the terminal: to stderr, so stdout stays for results.
+
+    Every note of the data modules (this one and coco.py) goes out here; tqdm.write keeps progress bars intact.
+    """
     tqdm.write(message, file=sys.stderr)
 
 
@@ -50,11 +55,15 @@ def _read_json(path: Path, hint: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; {hint}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8 JSON") from e
+        raise ValueError(f"{path} is not UTF-8 text ({e}): it is damaged or in another encoding") from e
+    if not text.strip():
+        raise ValueError(f"{path} is empty: it was cut short or never written")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+        raise ValueError(f"{path} is not valid JSON: {e.msg}: line {e.lineno}, column {e.colno}") from e
 
 
 def _check_records(records: Any, keys: tuple[str, ...], path: Path, field: str) -> list[dict]:
@@ -96,6 +105,10 @@ def read_captions(root: str | Path, split: str) -> tuple[list[dict], dict[Any, l
         raise ValueError(f"{path}: expected an object with 'images' and 'annotations' lists (COCO layout)")
     images = _check_records(data["images"], ("id", "file_name"), path, "images")
     annotations = _check_records(data["annotations"], ("id", "image_id", "caption"), path, "annotations")
+    unnamed = [im for im in images if not isinstance(im["file_name"], str)]
+    if unnamed:
+        image = unnamed[0]
+        raise ValueError(f"{path}: image {image['id']!r} has file_name {image['file_name']!r}; names are text")
     for field, ids in (
         ("image", [im["id"] for im in images]),
         ("annotation", [a["id"] for a in annotations]),
@@ -117,9 +130,9 @@ def read_captions(root: str | Path, split: str) -> tuple[list[dict], dict[Any, l
         else:
             captions[a["image_id"]].append(text)
     if empty:
-        _report(f"{path.name}: skipped {empty} empty caption(s)")
+        report(f"{path.name}: skipped {empty} empty caption(s)")
     if unknown:
-        _report(
+        report(
             f"{path.name}: skipped {len(unknown)} annotation(s) whose image_id is not listed under "
             f"'images' (e.g. {unknown[0]!r})"
         )
@@ -132,7 +145,7 @@ def read_captions(root: str | Path, split: str) -> tuple[list[dict], dict[Any, l
     if not present:
         raise FileNotFoundError(f"none of the {len(images)} images listed in {path} is under {folder}")
     if len(present) < len(images):
-        _report(f"{len(images) - len(present)} of {len(images)} images missing under {folder}, using the rest")
+        report(f"{len(images) - len(present)} of {len(images)} images missing under {folder}, using the rest")
     return present, {im["id"]: captions[im["id"]] for im in present}
 
 
@@ -174,7 +187,7 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     """
     path = Path(path)
     if not path.is_file():
-        raise BadImageError("missing", f"image {path} does not exist")
+        raise BadImageError("missing", f"image {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
         with warnings.catch_warnings():  # between MAX_IMAGE_PIXELS and twice that, PIL only warns
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -243,7 +256,7 @@ def _manifest(root: Path, split: str, images: list[dict], image_size: int, resiz
         p = root / "annotations" / name
         files[name] = [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": PACKED_FORMAT_VERSION,
         "settings": {"split": split, "image_size": image_size, "resize": resize},
         "annotation_files": files,
         "images": {"count": len(images), "sha256_of_names_sizes_mtimes": listing.hexdigest()},
@@ -293,7 +306,7 @@ def _write_packed(tmp: Path, results, n: int, size: int) -> tuple[list[int], dic
     kept, bad = [], {}
     for i, (pixels, reason, message) in enumerate(results):
         if pixels is None:
-            _report(f"warning: skipped {message}")
+            report(f"warning: skipped {message}")
             bad[message] = reason
             continue
         full[len(kept)] = pixels
@@ -336,9 +349,8 @@ def prepare(
     out = root / "prepared" / f"{split}_{image_size}"
     images, captions = read_captions(root, split)
     manifest = _manifest(root, split, images, image_size, resize)
-    done = out / "manifest.json"
-    if done.is_file() and {k: v for k, v in json.loads(done.read_text()).items() if k != "result"} == manifest:
-        _report(f"{out} is up to date")
+    if _is_up_to_date(out, manifest):
+        report(f"{out} is up to date")
         return out
 
     uncaptioned = [im for im in images if not captions[im["id"]]]
@@ -374,23 +386,39 @@ def prepare(
         reasons = Counter(bad.values()) + Counter({"no caption": len(uncaptioned)})
         manifest["result"] = {"prepared": len(kept), "skipped": dict(bad), "no_caption": len(uncaptioned)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     why = ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items()))
-    _report(f"prepared {len(kept)} images into {out}, skipped {sum(reasons.values())}" + (f" ({why})" if why else ""))
+    report(f"prepared {len(kept)} images into {out}, skipped {sum(reasons.values())}" + (f" ({why})" if why else ""))
     return out
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put folder `new` at `target`, moving any old one aside first (a rename cannot replace a folder)."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
+def _is_up_to_date(out: Path, manifest: dict) -> bool:
+    """Whether out holds a whole packing made from these inputs and settings; ValueError names a damaged file."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return False
+    repack = f"delete {out} to pack it again"
+    try:
+        stored = _read_json(path, "")
+    except ValueError as e:
+        raise ValueError(f"{e}; {repack}") from e
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path} holds a JSON {type(stored).__name__}, not prepare()'s manifest object; {repack}")
+    if {k: v for k, v in stored.items() if k != "result"} != manifest:
+        return False
+    result = stored.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("prepared"), int):
+        raise ValueError(f"{path} lacks the count of images packed ('result': {{'prepared': N}}); {repack}")
+    split = PackedSplit(out)  # checks images.npy and the index files against each other
+    size = manifest["settings"]["image_size"]
+    if (len(split), split.image_size) != (result["prepared"], size):
+        raise ValueError(
+            f"{out / 'images.npy'} holds {len(split)} images of {split.image_size}px but {path} says "
+            f"{result['prepared']} of {size}px; {repack}"
+        )
+    return True
 
 
 # ----------------------------------------------------------------------------- the packed split
@@ -408,19 +436,18 @@ class PackedSplit:
                 f"prepared data {self.dir} is missing or incomplete (no {', '.join(missing)}); "
                 "run `python -m nanovlm data …` first"
             )
-        self.images = np.load(self.dir / "images.npy", mmap_mode="r")  # (N, H, W, 3) uint8
-        index = _read_json(self.dir / "captions.json", "")
+        captions, scenes_path = self.dir / "captions.json", self.dir / "scenes.json"
+        try:  # each file is checked against the others, so a damaged one fails here, by name
+            index = _check_index(_read_json(captions, ""), captions)
+            self.images = _open_images(self.dir / "images.npy", len(index["image_ids"]))  # (N, H, W, 3) uint8
+            scenes = _check_scenes(_read_json(scenes_path, ""), scenes_path, index) if scenes_path.is_file() else None
+        except ValueError as e:
+            raise ValueError(f"{e}; delete {self.dir} to pack it again") from e
         self.image_ids: list = index["image_ids"]
         self.file_names: list[str] = index["file_names"]
         self.captions: list[list[str]] = index["captions"]
-        scenes = _read_json(self.dir / "scenes.json", "") if (self.dir / "scenes.json").is_file() else None
         self.scenes: list[dict] | None = scenes["scenes"] if scenes else None
         self.qa: list[dict] | None = scenes["qa"] if scenes else None
-        if self.images.ndim != 4 or self.images.shape[3] != 3 or len(self.images) != len(self.image_ids):
-            raise ValueError(
-                f"prepared data {self.dir} is inconsistent: images {self.images.shape} for "
-                f"{len(self.image_ids)} ids; delete the folder and run `python -m nanovlm data …`"
-            )
         self.row_of_id = {image_id: row for row, image_id in enumerate(self.image_ids)}
 
     def __len__(self) -> int:
@@ -431,7 +458,67 @@ class PackedSplit:
         return self.images.shape[1]
 
 
+def _check_index(index: Any, path: Path) -> dict:
+    """A prepared captions.json: equally long lists of unique ids, file names and lists of captions."""
+    keys = ("image_ids", "file_names", "captions")
+    if not isinstance(index, dict) or not all(isinstance(index.get(k), list) for k in keys):
+        raise ValueError(f"{path} is not a packed index: expected an object with lists {list(keys)}")
+    lengths = [len(index[k]) for k in keys]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"{path} has {lengths} entries in {list(keys)}; they must be equally long")
+    if not all(isinstance(i, int | str) and not isinstance(i, bool) for i in index["image_ids"]):
+        raise ValueError(f"{path}: 'image_ids' must be integers or strings")
+    duplicate = _first_duplicate(index["image_ids"])
+    if duplicate is not None:
+        raise ValueError(f"{path}: image id {duplicate!r} occurs more than once")
+    if not all(isinstance(caps, list) and all(isinstance(c, str) for c in caps) for caps in index["captions"]):
+        raise ValueError(f"{path}: every entry of 'captions' must be a list of texts")
+    return index
+
+
+def _open_images(path: Path, count: int) -> np.ndarray:
+    """Map a prepared images.npy into memory, checking it holds `count` square uint8 RGB images."""
+    with open(path, "rb") as f:
+        magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+    if magic != np.lib.format.MAGIC_PREFIX:
+        raise ValueError(f"{path} is not a .npy array file (it does not start with numpy's header)")
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as e:  # a header or pixels cut short, or objects instead of numbers
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is cut short or damaged ({reason})") from e
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"{path} holds {images.dtype} {images.shape}, not (N, H, H, 3) uint8 pixels")
+    if len(images) != count:
+        raise ValueError(f"{path} holds {len(images)} images but captions.json lists {count}")
+    return images
+
+
+def _check_scenes(scenes: Any, path: Path, index: dict) -> dict:
+    """A prepared scenes.json: one scene record per packed image, in order, and QA pairs of those images."""
+    if not isinstance(scenes, dict):
+        raise ValueError(f"{path}: expected an object with 'scenes' and 'qa' lists")
+    records = _check_records(scenes.get("scenes"), ("image_id", "objects"), path, "scenes")
+    qa = _check_records(scenes.get("qa"), ("image_id", "question", "answer"), path, "qa")
+    if [s["image_id"] for s in records] != index["image_ids"]:
+        raise ValueError(f"{path} does not hold one scene per packed image, in the order of captions.json")
+    known = set(index["image_ids"])
+    stray = [q["image_id"] for q in qa if q["image_id"] not in known]
+    if stray:
+        raise ValueError(f"{path} has questions about image {stray[0]!r}, which is not packed")
+    return scenes
+
+
 # ----------------------------------------------------------------------------- batches
+
+
+def to_tensor(pixels: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, H, W, 3) uint8 images -> (N, 3, H, W) float in [0, 1] on device, as the model reads them.
+
+    The pixels are copied first (prepared images are a read-only memory map), moved as uint8 (a quarter of
+    the bytes of float32) and converted on the device.
+    """
+    return torch.from_numpy(np.array(pixels)).to(device).permute(0, 3, 1, 2).float().div(255.0)
 
 
 def _pack_tokens(seqs: list[list[int]], width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -568,7 +655,8 @@ class Loader:
         length, prompt = self.lengths[token_rows, None], self.prompt_lengths[token_rows, None]  # (B, 1)
         targets[(positions >= length - 1) | (positions < prompt - 1)] = -100  # padding | question part
         pixels = self.split.images[image_rows]  # (B, H, W, 3) uint8, read from the memory map
-        # numpy does transpose + cast in one pass; here that is several times faster than torch's ops
+        # to_tensor's conversion, written in numpy because every training step waits on it: numpy transposes
+        # and casts in one pass into a contiguous array, then divides in place, where torch takes separate passes
         images = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)  # (B, 3, H, W)
         images /= 255.0
         return {
@@ -582,10 +670,6 @@ class Loader:
             batch = self.batch(self.step)
             self.step += 1  # counted before yielding, so state_dict() taken after a batch resumes after it
             yield batch
-
-    @property
-    def batches_per_epoch(self) -> float:
-        return self.n_items / (self.batch_size * self.world_size)
 
     def state_dict(self) -> dict:
         """Where the stream is, plus what must match for a resume to continue the same stream."""

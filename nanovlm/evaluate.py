@@ -13,14 +13,9 @@ import numpy as np
 import torch
 
 from . import metrics, scenes
-from .data import PackedSplit
+from .data import PackedSplit, to_tensor
 from .tokenizer import Tokenizer
 from .vlm import VLM
-
-
-def to_tensor(images: np.ndarray, device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on device (copied: the prepared images are read-only)."""
-    return torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float().div(255.0)
 
 
 @torch.no_grad()
@@ -98,6 +93,8 @@ def evaluate_split(
     questions=False skips VQA (for a model never taught the question format).
     Returns {"n_images", "model": scores, "blind": scores, "captions": the model's captions}.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit {limit}: score at least 1 image, or pass None for the whole split")
     n = min(limit or len(split), len(split))
     qa = [q for q in split.qa or [] if split.row_of_id[q["image_id"]] < n] if questions else []
     result = {"n_images": n, "model": {}, "blind": {}}

@@ -32,11 +32,10 @@ def normalize_caption(text: str) -> list[str]:
       "3.5", "10:30", "u.s." -> PTB one token, ours two      (PTB keeps marks inside numbers, abbreviations)
       "50%", "$5", "&", "#1" -> PTB keeps % $ & # as tokens, ours drops them
       "(" and ")" -> PTB "-lrb-" and "-rrb-", kept as words (pycocoevalcap's drop list has them upper-case)
-    Measured with the jar pycocoevalcap ships, on 160 hand-written COCO-style captions (capitals, final
-    periods, commas, quotes, "...", "--", "?", ";"): our tokens equal PTB's on 127 of the 128 captions with no
-    apostrophe, hyphen inside a word, mark inside a number or symbol (the miss has brackets), and on 0 of
-    the 32 with one (127/160 = 79% overall, on a sample rich in such marks). BLEU and CIDEr on our tokens
-    are therefore close to the official numbers, not equal to them.
+    Compared with the jar pycocoevalcap ships on hand-written COCO-style captions (capitals, final periods,
+    commas, quotes, "...", "--", "?", ";"): our tokens equal PTB's on captions with none of the marks listed
+    above, and differ on captions with one. BLEU and CIDEr on our tokens are therefore close to the official
+    numbers, not equal to them.
     """
     return re.sub(r"[^\w\s]", " ", text.lower()).split()
 

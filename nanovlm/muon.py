@@ -14,9 +14,9 @@ with AdamW (`nanovlm.trainer.make_optimizer`).
 This computes what `torch.optim.Muon` computes (Jordan et al. 2024; bf16 Newton-Schulz, the same
 coefficients, `adjust_lr_fn="match_rms_adamw"`), with one difference in how: matrices of the same shape
 are stacked and orthogonalised together by batched matmuls, one call per shape instead of one per matrix.
-The scenes preset has 26 such matrices in 10 shapes, so much of torch's Muon step is the overhead of small
-calls: stacked, `step()` took 21 ms against torch's 32 ms on the project's 2-core CPU (the preset's matrices,
-random gradients, median of 20 steps). This file imports only torch and the standard library.
+A small model has many small matrices in few shapes, so much of a matrix-at-a-time step is the overhead of
+small calls, which stacking removes (docs/performance.md has the timing). This file imports only torch and
+the standard library.
 """
 
 from collections import defaultdict

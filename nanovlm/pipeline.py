@@ -5,19 +5,22 @@ prepares (packs) every split once, trains the BPE tokenizer on the training capt
 model, then captions held-out images and prints them next to the truth with the final scores.
 """
 
+import gc
 import json
 import sys
 import time
 from pathlib import Path
 
+import regex
 import torch
 import torch.distributed as dist
 
 from . import scenes
+from .config import DataConfig, RunConfig
 from .data import Loader, PackedSplit, prepare
 from .evaluate import evaluate_split, score_table
-from .presets import DataConfig, RunConfig
-from .tokenizer import Tokenizer
+from .files import write_file_atomically
+from .tokenizer import SPLIT_PATTERN, Tokenizer
 from .trainer import Trainer, init_distributed
 from .vlm import VLM
 
@@ -30,8 +33,7 @@ def prepare_splits(data: DataConfig) -> dict[str, PackedSplit]:
         # any --image-size is then packed from the same pictures
         marker = root / "done"
         if marker.is_file():
-            stored = json.loads(marker.read_text())["config"]
-            cfg = scenes.SceneConfig(**{k: _tuples(v) for k, v in stored.items()})
+            cfg = _stored_scene_config(marker)
             if cfg.n_train != data.n_train:
                 print(
                     f"note: {root} holds {cfg.n_train} training scenes, not the {data.n_train} asked for; using "
@@ -50,6 +52,18 @@ def prepare_splits(data: DataConfig) -> dict[str, PackedSplit]:
     return {name: PackedSplit(prepare(root, name, data.image_size)) for name in names}
 
 
+def _stored_scene_config(marker: Path) -> scenes.SceneConfig:
+    """The config a finished scenes dataset was drawn with, from the `done` marker scenes.generate writes."""
+    try:
+        stored = json.loads(marker.read_text(encoding="utf-8"))["config"]
+        return scenes.SceneConfig(**{k: _tuples(v) for k, v in stored.items()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not an object, unknown fields
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{marker} is damaged ({type(e).__name__}: {why}); delete it and the scenes are drawn again"
+        ) from e
+
+
 def _tuples(value):
     """JSON lists back into the tuples a config holds."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
@@ -58,15 +72,28 @@ def _tuples(value):
 def load_tokenizer(data: DataConfig, train: PackedSplit) -> Tokenizer:
     """The BPE tokenizer of this dataset: trained once on the training captions (and questions), then cached."""
     path = Path(data.root) / f"tokenizer-{data.vocab_size}.tiktoken"
-    if path.is_file():
-        return Tokenizer.load(path)
     texts = [c for caps in train.captions for c in caps]
     texts += [f"{q['question']} {q['answer']}" for q in train.qa or []]
+    if path.is_file():
+        try:
+            tokenizer = Tokenizer.load(path)
+        except ValueError as e:
+            raise ValueError(f"{e}; delete it to train the tokenizer again") from e
+        if tokenizer.vocab_size == data.vocab_size or _learned_every_word(tokenizer, texts):
+            return tokenizer
+        raise ValueError(
+            f"{path} holds {tokenizer.vocab_size} of the {data.vocab_size} tokens asked for, yet some words of the "
+            "training captions are still split: the file was cut short; delete it to train the tokenizer again"
+        )
     tokenizer = Tokenizer.train(texts, vocab_size=data.vocab_size)
-    tmp = path.with_suffix(".tmp")
-    tokenizer.save(tmp)
-    tmp.rename(path)
+    write_file_atomically(path, tokenizer.save)
     return tokenizer
+
+
+def _learned_every_word(tokenizer: Tokenizer, texts: list[str]) -> bool:
+    """Whether every word of texts is one token: only then does training stop short of the vocab_size asked."""
+    words = {word for text in texts for word in regex.findall(SPLIT_PATTERN, text)}
+    return all(word.encode("utf-8") in tokenizer.mergeable_ranks for word in words)
 
 
 def make_loaders(run: RunConfig, tokenizer: Tokenizer, splits: dict[str, PackedSplit], rank: int, world: int):
@@ -94,7 +121,7 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
     if rank != 0:
         splits = prepare_splits(cfg.data)
         tokenizer = load_tokenizer(cfg.data, splits[cfg.data.train_split])
-    cfg.model.decoder.vocab_size = tokenizer.vocab_size
+    cfg.finalize(vocab_size=tokenizer.vocab_size)
     torch.manual_seed(cfg.train.seed)
     model = VLM(cfg.model)
     trainer = Trainer(model, tokenizer, *make_loaders(cfg, tokenizer, splits, rank, world), cfg.train)
@@ -120,6 +147,12 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
         (out / "report.json").write_text(json.dumps(summary, indent=2))
         print(format_report(summary, splits[cfg.data.test_split], cfg.data.test_split))
     if dist.is_initialized():
+        # Tear down while the interpreter is whole: once every rank is done, free the DDP wrapper (it holds the
+        # process group) before destroying the group. Left to interpreter exit, gloo's threads can abort the
+        # process (SIGABRT) after a run that succeeded.
+        dist.barrier()
+        del trainer
+        gc.collect()
         dist.destroy_process_group()
     return out
 
@@ -138,7 +171,7 @@ def describe(cfg: RunConfig, model: VLM, tokenizer: Tokenizer, splits: dict[str,
     )
 
 
-# the main job's targets on held-out scenes (issue 4): key, label, target, whether higher is better
+# the main job's targets on held-out scenes: key, label, target, whether higher is better
 TARGETS = [
     ("object_f1", "object F1 (size + colour + shape)", 0.95, True),
     ("chair_s", "captions naming an absent object", 0.05, False),

@@ -27,6 +27,11 @@ class ProjectorConfig:
     pixel_shuffle: int = 1  # s: merge s x s neighbouring patches into one token (1 = off)
     hidden_mult: int = 2  # hidden width of the MLP is hidden_mult * out_dim
 
+    def __post_init__(self) -> None:
+        for name in ("in_dim", "out_dim", "pixel_shuffle", "hidden_mult"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"projector {name} must be at least 1, got {getattr(self, name)}")
+
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     """(B, N, C) patches on a square grid -> (B, N / factor^2, C * factor^2) by merging factor x factor squares."""

@@ -6,7 +6,7 @@ learning rate. Around it: periodic evaluation on held-out data, atomic checkpoin
 needed to continue exactly (model, optimizer, step, data position, random state), a metrics log and a
 progress bar.
 
-The stages of the literature are configurations of this one loop (`STAGES`):
+The stages of the literature are configurations of this one loop (`STAGES`, in config.py):
 - "text":     the decoder learns the language of captions alone (images are not used);
 - "align":    only the projector trains, with the ViT and decoder frozen (LLaVA stage 1);
 - "full":     everything trains on image-caption pairs;
@@ -19,10 +19,13 @@ Runs on a CPU as it is (AdamW fused on both); on a GPU it adds bf16 autocast and
 import json
 import math
 import os
-import shutil
+import signal
+import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,64 +34,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .config import TrainConfig
+from .files import write_dir_atomically, write_file_atomically
 from .muon import Muon
 from .tokenizer import Tokenizer
 from .vlm import IGNORE, VLM
-
-# stage -> (data task, components that train); everything else is frozen
-STAGES = {
-    "text": ("text", ("decoder",)),
-    "align": ("caption", ("projector",)),
-    "full": ("caption", ("vit", "projector", "decoder")),
-    "instruct": ("qa", ("vit", "projector", "decoder")),
-}
-
-
-@dataclass
-class TrainConfig:
-    stage: str = "full"  # one of STAGES
-    max_steps: int = 1000  # optimizer steps in this stage
-    batch_size: int = 64  # samples per micro-batch, summed over all processes
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
-    warmup_steps: int = 50  # linear warmup from 0 to lr
-    weight_decay: float = 0.1  # applied to weight matrices and embeddings only
-    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    eval_every: int = 250  # steps between evaluations (and checkpoints)
-    eval_batches: int = 8  # held-out batches per evaluation
-    log_every: int = 10  # steps between log lines
-    seed: int = 0
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
-    compile: str = "auto"  # "auto" (on for CUDA, off on CPU), "on" or "off"
-    train: tuple[str, ...] = field(default_factory=tuple)  # components to train; empty = the stage's default
-    first_caption_prob: float = 0.0  # chance of the dataset's first (canonical) caption; 0 = uniform
-    out: str = "runs/scenes"  # where checkpoints and logs go
-
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; choose one of {sorted(STAGES)}")
-        unknown = set(self.train) - {"vit", "projector", "decoder"}
-        if unknown:
-            raise ValueError(f"train names unknown components {sorted(unknown)}; use vit, projector, decoder")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adamw or muon")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-
-    @property
-    def task(self) -> str:
-        return STAGES[self.stage][0]
-
-    @property
-    def trained_components(self) -> tuple[str, ...]:
-        return tuple(self.train) or STAGES[self.stage][1]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -104,8 +54,8 @@ def make_optimizer(model: VLM, cfg: TrainConfig, fused: bool = True) -> "torch.o
 
     With cfg.optimizer == "muon", the 2-D weight matrices inside the ViT and decoder blocks and the projector's
     go to Muon instead; embeddings (patch, position, token: the token one is also the output layer), biases
-    and norms stay with AdamW. fused=True updates all AdamW parameters in one kernel (CPU and CUDA): 3x
-    faster than a loop over tensors here.
+    and norms stay with AdamW. fused=True updates all AdamW parameters in one kernel (CPU and CUDA) instead of
+    looping over the tensors, which for many small tensors is mostly the overhead of the loop.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     to_muon = {n for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and is_hidden_matrix(n)}
@@ -170,7 +120,6 @@ class Trainer:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.train_batches = iter(train_loader)  # reads train_loader.step, so a resume moves it too
         self.out = Path(cfg.out)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = torch.device(resolve_device(cfg.device))
@@ -196,7 +145,9 @@ class Trainer:
 
     def train_step(self) -> float:
         """Run grad_accum micro-batches and one optimizer update; return the step's mean loss."""
-        batches = [self._to_device(next(self.train_batches)) for _ in range(self.cfg.grad_accum)]
+        # batch k of the stream is a pure function of k, so the step alone says where the data is
+        first = self.step * self.cfg.grad_accum
+        batches = [self._to_device(self.train_loader.batch(first + i)) for i in range(self.cfg.grad_accum)]
         # normalise by the target tokens of the whole step on all processes, so that the loss (and the
         # gradient) is the same as one big batch on one process, whatever the caption lengths
         n_tokens = sum((b["targets"] != IGNORE).sum() for b in batches).float()
@@ -223,10 +174,15 @@ class Trainer:
         loss = (total / n_tokens).item()
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
+            last = self.out / "last"
+            then = (
+                f"then run again to resume from the last good checkpoint, {last}"
+                if last.exists()
+                else "then run again (no checkpoint was written before it)"
+            )
             raise FloatingPointError(
                 f"loss became {loss} at step {self.step} (lr {lr:.2e}); stopped without updating the model. "
-                f"The last good checkpoint is {self.out / 'last'}: lower --lr or raise --warmup-steps, "
-                f"then resume from it."
+                f"Lower --lr or raise --warmup-steps, {then}"
             )
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -268,6 +224,7 @@ class Trainer:
         """Train to cfg.max_steps (or stop early at step `until`, saving a checkpoint); return the last log."""
         until = min(until or self.cfg.max_steps, self.cfg.max_steps)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._forget_log_after(self.step)  # lines of steps after this one come from a run that was cut short
         self.log(
             {
                 "event": "start",
@@ -285,31 +242,41 @@ class Trainer:
         bar = tqdm(total=until, initial=self.step, desc=self.cfg.stage, disable=self.rank != 0, dynamic_ncols=True)
         record, t0, samples0 = {}, time.perf_counter(), self.samples_seen
         try:
-            while self.step < until:
-                loss = self.train_step()
-                bar.update(1)
-                if self.step % self.cfg.log_every == 0 or self.step == until:
-                    rate = (self.samples_seen - samples0) / (time.perf_counter() - t0)
-                    record = {
-                        "step": self.step,
-                        "loss": loss,
-                        "lr": lr_at(self.step - 1, self.cfg),
-                        "samples_per_s": rate,
-                    }
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.1e}", sps=f"{rate:.0f}")
-                    self.log(record)
-                    t0, samples0 = time.perf_counter(), self.samples_seen
-                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps:
-                    self._evaluate_and_save()
-        except KeyboardInterrupt:
-            self.save("last")
+            with CtrlC() as ctrl_c:
+                while self.step < until:
+                    loss = self.train_step()
+                    bar.update(1)
+                    if self.step % self.cfg.log_every == 0 or self.step == until:
+                        rate = (self.samples_seen - samples0) / (time.perf_counter() - t0)
+                        record = {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": lr_at(self.step - 1, self.cfg),
+                            "samples_per_s": rate,
+                        }
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.1e}", sps=f"{rate:.0f}")
+                        self.log(record)
+                        t0, samples0 = time.perf_counter(), self.samples_seen
+                    if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps:
+                        self._evaluate_and_save()
+                    if self._all_ranks_agree(ctrl_c.pressed):
+                        # between two steps the state is whole: save it, so that a resume goes on exactly
+                        self.save("last")
+                        self.log({"event": "interrupted", "step": self.step})
+                        raise KeyboardInterrupt
+        finally:
             bar.close()
-            self.log({"event": "interrupted", "step": self.step})
-            raise
-        bar.close()
         if self.step == until and self.step % self.cfg.eval_every and self.step != self.cfg.max_steps:
             self.save("last")  # stopped early on purpose: leave a checkpoint to resume from
         return record
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        """True on every process if it is true on any: all of them stop after the same step."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item())
 
     def _evaluate_and_save(self) -> None:
         val = self.evaluate()
@@ -338,7 +305,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "optimizer": self.optimizer.state_dict(),
             "train_config": asdict(self.cfg),
-            "loader": self.train_loader.state_dict(),
+            "loader": {**self.train_loader.state_dict(), "step": self.step * self.cfg.grad_accum},
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -352,36 +319,76 @@ class Trainer:
         directory = find_checkpoint(Path(directory))
         loaded, _ = VLM.load(directory, device=str(self.device))
         if loaded.cfg != self.model.cfg:
-            raise ValueError(f"{directory} holds a model of another configuration; use a new --out or --fresh")
+            raise ValueError(
+                f"{directory} holds a model of another configuration; "
+                f"choose another --out (or delete {directory.parent})"
+            )
         self.model.load_state_dict(loaded.state_dict())
-        state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
+        state = load_trainer_state(directory / "trainer.pt", self.device)
         if state["train_config"]["stage"] != self.cfg.stage:
             raise ValueError(f"{directory} is a {state['train_config']['stage']!r} run, not {self.cfg.stage!r}")
         optimizer = state["train_config"]["optimizer"]
         if optimizer != self.cfg.optimizer:
             raise ValueError(f"{directory} was trained with {optimizer}, not {self.cfg.optimizer}; set --optimizer")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.train_loader.load_state_dict(state["loader"])
-        self.step, self.best_val, self.samples_seen = state["step"], state["best_val"], state["samples_seen"]
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        accum = state["train_config"].get("grad_accum")
+        if accum != self.cfg.grad_accum:
+            raise ValueError(f"{directory} was trained with --grad-accum {accum}, not {self.cfg.grad_accum}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.train_loader.load_state_dict(state["loader"])
+            self.step, self.best_val, self.samples_seen = state["step"], state["best_val"], state["samples_seen"]
+            torch.set_rng_state(state["rng_cpu"].cpu())
+            if state["rng_cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{directory / 'trainer.pt'} does not fit this run ({reason})") from e
+
+    def _forget_log_after(self, step: int) -> None:
+        """Drop the metrics lines of steps after `step`: this run logs them again."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            write_file_atomically(path, "".join(kept))
 
 
-def write_dir_atomically(target: Path, write) -> None:
-    """Call write(tmp_dir), then swap tmp_dir into target's place, so target is always whole or absent."""
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for f in tmp.iterdir():  # make sure the bytes are on disk before the rename makes them visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+def _logged_step(line: str) -> float:
+    """The step a metrics line belongs to; a line cut short by a crash counts as after every step."""
+    try:
+        return json.loads(line).get("step", -1)
+    except json.JSONDecodeError:
+        return math.inf
+
+
+class CtrlC:
+    """While active, Ctrl-C only sets .pressed, so the loop can stop between two steps; a second one stops at once.
+
+    Outside the main thread (where Python cannot catch signals) it does nothing and Ctrl-C works as usual.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C interrupts wherever it lands
+        print("\nstopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            if self._previous is None:  # a handler installed outside Python: Python's own is the closest
+                self._previous = signal.default_int_handler
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def find_checkpoint(directory: Path) -> Path:
@@ -391,7 +398,9 @@ def find_checkpoint(directory: Path) -> Path:
     old = directory.with_name(directory.name + ".old")
     if (old / "trainer.pt").is_file():
         return old
-    raise FileNotFoundError(f"no checkpoint to resume in {directory} (trainer.pt is missing)")
+    raise FileNotFoundError(
+        f"no checkpoint to resume in {directory} (trainer.pt is missing); move {directory} away to start afresh"
+    )
 
 
 def resolve_device(name: str) -> str:
@@ -419,3 +428,27 @@ def init_distributed() -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+def load_trainer_state(path: Path, device: str | torch.device) -> dict:
+    """Read a trainer.pt written by Trainer.save; a damaged or foreign file is a ValueError naming it."""
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then rejects
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except OSError:  # unreadable, e.g. no permission: its message names the file
+        raise
+    except Exception as e:  # torch.load fails on damaged bytes with many types; none of them runs code here
+        # torch's own message for a rejected pickle advises weights_only=False, which would run the file's code
+        raise ValueError(
+            f"{path} cannot be read ({type(e).__name__}): it is cut short, damaged or not a nanovlm trainer state; "
+            f"move {path.parent} away to start the run afresh"
+        ) from e
+    keys = ("step", "best_val", "samples_seen", "optimizer", "train_config", "loader", "rng_cpu", "rng_cuda")
+    whole = isinstance(state, dict) and all(k in state for k in keys) and isinstance(state["train_config"], dict)
+    if not whole or not all(k in state["train_config"] for k in ("stage", "optimizer")):
+        raise ValueError(
+            f"{path} is not a nanovlm trainer state (expected a dict with {list(keys)}); "
+            f"move {path.parent} away to start the run afresh"
+        )
+    return state

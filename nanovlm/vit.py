@@ -30,6 +30,11 @@ class ViTConfig:
     mlp_ratio: int = 4  # hidden width of each MLP is mlp_ratio * dim
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "channels", "dim", "n_layers", "n_heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ViT {name} must be at least 1, got {getattr(self, name)}")
+        if self.patch_size > self.image_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than one patch (patch_size {self.patch_size})")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.n_heads:
@@ -51,13 +56,15 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # queries, keys and values of all heads in one matmul
+        self.proj = nn.Linear(dim, dim, bias=False)  # mixes the heads' outputs back into the residual stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C)."""
+        # split the channels into queries, keys and values, each into heads: (B, nh, N, hs) each
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hs)
-        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hs); no mask: every patch sees every patch
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))  # the heads side by side again, then mixed
 
 
 class MLP(nn.Module):

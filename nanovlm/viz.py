@@ -16,6 +16,7 @@ import torch
 from matplotlib import patheffects
 from matplotlib.figure import Figure
 
+from .data import to_tensor
 from .tokenizer import Tokenizer
 from .vit import patchify
 from .vlm import VLM
@@ -28,7 +29,7 @@ def as_pixels(image: Image) -> torch.Tensor:
     if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
         return image.detach().float().cpu()
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # a copy: may be read-only
+        return to_tensor(image[None])[0]
     kind = f"{type(image).__name__} of shape {tuple(image.shape)}" if hasattr(image, "shape") else type(image).__name__
     raise TypeError(f"got an image as a {kind}; pass an (H, W, 3) uint8 array or a (3, H, W) float tensor")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from .decoder import Decoder, DecoderConfig, KVCache
@@ -109,7 +110,7 @@ class VLM(nn.Module):
         if images is not None:
             seq = torch.cat([self.image_tokens(images), seq], dim=1)  # (B, N_img + Tp, D)
         max_new_tokens = min(max_new_tokens, self.cfg.decoder.max_seq_len - seq.size(1))
-        cache = KVCache(self.cfg.decoder, B) if use_cache else None
+        cache = KVCache(self.cfg.decoder.n_layers, self.cfg.decoder.max_seq_len) if use_cache else None
         out = torch.empty(B, 0, dtype=torch.long, device=prompt_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         step_input = seq
@@ -137,27 +138,76 @@ class VLM(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> tuple["VLM", Tokenizer]:
-        """Read a directory written by save(); no pickled code is executed."""
+        """Read a directory written by save(); no pickled code is executed, a damaged file is named."""
         directory = Path(directory)
         for name in ("model.safetensors", "config.json", "tokenizer.tiktoken"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} is missing; is {directory} a saved nanovlm model?")
+        config = directory / "config.json"
+        cfg = _read_config(config)
         try:
-            cfg = VLMConfig(**json.loads((directory / "config.json").read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{directory / 'config.json'} is not a valid nanovlm config: {e}") from e
-        model = cls(cfg)
-        path = directory / "model.safetensors"
-        missing, unexpected = load_model(model, str(path), strict=False, device=device)
-        if missing or unexpected:
-            if not missing and all(k.endswith(".bias") and "ln" not in k for k in unexpected):
-                raise ValueError(
-                    f"{path} holds biases for {len(unexpected)} linear layers: it was saved by a nanovlm from before "
-                    "the linear layers lost their biases, and cannot be loaded into this one; train it again"
-                )
-            keys = f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            raise ValueError(f"{path} does not fit its config.json: {keys}")
-        return model.to(device).eval(), Tokenizer.load(directory / "tokenizer.tiktoken")
+            model = cls(cfg)
+        except (TypeError, ValueError) as e:  # a field of the wrong type fails only when the layers are built
+            raise ValueError(f"{config} describes no model that can be built: {_first_line(e)}") from e
+        _read_weights(model, directory / "model.safetensors", device)
+        return model.to(device).eval(), _read_tokenizer(directory / "tokenizer.tiktoken", cfg)
+
+
+def _read_config(path: Path) -> VLMConfig:
+    """The VLMConfig in a config.json written by VLM.save; ValueError names the file if it is damaged."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not JSON text ({_first_line(e)}); it is damaged: copy the model again") from e
+    parts = ("vit", "projector", "decoder")
+    if not isinstance(raw, dict) or sorted(raw) != sorted(parts) or not all(isinstance(raw[p], dict) for p in parts):
+        raise ValueError(f"{path} is not a nanovlm config: it must be an object with objects {list(parts)}")
+    try:
+        return VLMConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid nanovlm config: {_first_line(e)}") from e
+
+
+def _read_weights(model: VLM, path: Path, device: str) -> None:
+    """Load model.safetensors into model, checking the file's header against the model first."""
+    try:
+        with safe_open(path, "pt") as f:  # reads the header only; fails on a cut, empty or foreign file
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a whole safetensors file ({e}); copy it again or train anew") from e
+    params = model.state_dict()
+    wrong = [name for name, shape in shapes.items() if name in params and list(params[name].shape) != shape]
+    if wrong:
+        name = wrong[0]
+        raise ValueError(
+            f"{path} does not fit its config.json: {name} is {shapes[name]} in the file but "
+            f"{list(params[name].shape)} in the model ({len(wrong)} tensors differ)"
+        )
+    missing, unexpected = load_model(model, str(path), strict=False, device=device)
+    if missing or unexpected:
+        keys = f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        raise ValueError(f"{path} does not fit its config.json: {keys}")
+
+
+def _read_tokenizer(path: Path, cfg: VLMConfig) -> Tokenizer:
+    """The tokenizer saved with a model, checked against the model's vocabulary."""
+    try:
+        tokenizer = Tokenizer.load(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; copy {path.parent} again") from e
+    if tokenizer.vocab_size != cfg.decoder.vocab_size:
+        # a file cut at a line end still parses, and would fail only when the model emits an id it lost
+        raise ValueError(
+            f"{path} has {tokenizer.vocab_size} tokens but config.json gives the model a vocab_size of "
+            f"{cfg.decoder.vocab_size}: the file is cut short or belongs to another model; copy {path.parent} again"
+        )
+    return tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's message cut to its first line, so the error we raise stays one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def sample_next(
@@ -190,8 +240,6 @@ def _until(tokens: list[int], eot: int) -> list[int]:
 
 
 def _init_weights(module: nn.Module) -> None:
-    """GPT-2 style initialisation: small normal weights, zero biases."""
+    """GPT-2 style initialisation: small normal weights (the linear layers have no biases)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)

@@ -10,12 +10,11 @@ import pytest
 import torch.nn as nn
 
 from nanovlm import bench, viz
+from nanovlm.config import DataConfig, RunConfig, TrainConfig
 from nanovlm.data import PackedSplit
 from nanovlm.decoder import DecoderConfig
 from nanovlm.pipeline import load_tokenizer
-from nanovlm.presets import DataConfig, RunConfig
 from nanovlm.projector import ProjectorConfig
-from nanovlm.trainer import TrainConfig
 from nanovlm.vit import ViTConfig
 from nanovlm.vlm import VLM, VLMConfig
 

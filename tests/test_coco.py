@@ -89,7 +89,7 @@ def test_broken_connection_resumes_with_range_and_ends_identical(server, tmp_pat
     dest = coco.download(f"{server.url}/a.zip", tmp_path / "a.zip", len(body), chunk_size=4096)
     assert dest.read_bytes() == body
     assert server.ranges == [None, "bytes=100000-"]
-    assert "resuming at byte 100000" in capsys.readouterr().out
+    assert "resuming at byte 100000" in capsys.readouterr().err
 
 
 def test_interrupted_call_keeps_the_part_and_the_next_call_resumes(server, tmp_path):
@@ -111,7 +111,7 @@ def test_server_that_ignores_range_restarts_from_zero(server, tmp_path, capsys):
     coco.download(f"{server.url}/a.zip", tmp_path / "a.zip", len(body))
     assert (tmp_path / "a.zip").read_bytes() == body
     assert server.ranges == ["bytes=5000-"]
-    assert "ignored the request to resume" in capsys.readouterr().out
+    assert "ignored the request to resume" in capsys.readouterr().err
 
 
 def test_part_that_is_already_whole_is_just_renamed(server, tmp_path):

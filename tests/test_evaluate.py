@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from nanovlm.__main__ import main
+from nanovlm.config import DataConfig
 from nanovlm.data import PackedSplit
 from nanovlm.decoder import DecoderConfig
 from nanovlm.evaluate import evaluate_split, json_summary, score_captions, score_table
 from nanovlm.pipeline import load_tokenizer
-from nanovlm.presets import DataConfig
 from nanovlm.projector import ProjectorConfig
 from nanovlm.vit import ViTConfig
 from nanovlm.vlm import VLM, VLMConfig

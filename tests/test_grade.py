@@ -5,6 +5,8 @@ Wrong answers are the source notebooks' own solutions with one mistake edited in
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,15 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from nanovlm import grade
+from nanovlm import grading
 from nanovlm.data import Loader
-from nanovlm.grade import EXERCISES, POINTS
+from nanovlm.grading import EXERCISES, POINTS
+from nanovlm.grading.ex05_loss_mask import reference_join
+from nanovlm.grading.ex06_sampling import _nucleus, _tempered
 from nanovlm.vlm import sample_next
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE, RELEASE = ROOT / "exercises" / "source", ROOT / "exercises" / "release"
 NOTEBOOKS = {
-    name: path for path in sorted(SOURCE.glob("*.ipynb")) for name in grade.find_exercises(grade.read_notebook(path))
+    name: path
+    for path in sorted(SOURCE.glob("*.ipynb"))
+    for name in grading.find_exercises(grading.read_notebook(path))
 }
 
 
@@ -31,7 +37,7 @@ def test_there_is_one_source_notebook_per_exercise_and_its_student_version():
 
 
 def test_release_is_exactly_the_student_version_of_source(tmp_path):
-    for written in grade.make_student_version(SOURCE, tmp_path):
+    for written in grading.make_student_version(SOURCE, tmp_path):
         committed = RELEASE / written.name
         assert written.read_text() == committed.read_text(), (
             f"run: python -m nanovlm grade --make-student {SOURCE} {RELEASE}"
@@ -40,10 +46,10 @@ def test_release_is_exactly_the_student_version_of_source(tmp_path):
 
 def test_solutions_earn_full_marks_and_untouched_student_versions_zero():
     """Through the grading processes, as `python -m nanovlm grade exercises/source exercises/release` does."""
-    for g in grade.grade_notebooks([SOURCE]):
+    for g in grading.grade_notebooks([SOURCE]):
         (result,) = g.results
-        assert result.score == POINTS, grade.format_grades([g])
-    for g in grade.grade_notebooks([RELEASE]):
+        assert result.score == POINTS, grading.format_grades([g])
+    for g in grading.grade_notebooks([RELEASE]):
         (result,) = g.results
         assert result.score == 0 and result.error.startswith(f"not attempted: {result.exercise} raises NotImplemented")
 
@@ -51,10 +57,10 @@ def test_solutions_earn_full_marks_and_untouched_student_versions_zero():
 # ----------------------------------------------------------------------------- typical mistakes
 
 
-def with_mistake(tmp_path: Path, exercise: str, *edits: tuple[str, str]) -> grade.Result:
+def with_mistake(tmp_path: Path, exercise: str, *edits: tuple[str, str]) -> grading.Result:
     """Grade (in this process) the exercise's source notebook with `edits` (old, new) made to its solution."""
-    nb = grade.read_notebook(NOTEBOOKS[exercise])
-    cell = nb["cells"][grade.find_exercises(nb)[exercise]]
+    nb = grading.read_notebook(NOTEBOOKS[exercise])
+    cell = nb["cells"][grading.find_exercises(nb)[exercise]]
     source = "".join(cell["source"])
     for old, new in edits:
         assert old in source, f"{old!r} is not in the solution of {exercise}"
@@ -62,7 +68,7 @@ def with_mistake(tmp_path: Path, exercise: str, *edits: tuple[str, str]) -> grad
     cell["source"] = source
     path = tmp_path / f"{exercise}.ipynb"
     path.write_text(json.dumps(nb))
-    (result,) = grade.grade_notebook(path, isolate=False).results
+    (result,) = grading.grade_notebook(path, isolate=False).results
     return result
 
 
@@ -101,7 +107,7 @@ MISTAKES = [  # (exercise, edits to the solution, the part that fails, what its 
     ),
     (
         "decode_step",
-        [("k, v = cache.append(attn.layer, k, v)", "cache.append(attn.layer, k, v)")],
+        [("k, v = cache.update(attn.layer, k, v)", "cache.update(attn.layer, k, v)")],
         "one token at a time matches the full pass",
         "never saw the cached positions",
     ),
@@ -119,7 +125,7 @@ MISTAKES = [  # (exercise, edits to the solution, the part that fails, what its 
     ),
     (
         "decode_step",
-        [("cache.append(attn.layer,", "cache.append(0,")],
+        [("cache.update(attn.layer,", "cache.update(0,")],
         "the cache holds every key and value once",
         "stored under layer 0",
     ),
@@ -238,13 +244,20 @@ MISTAKES = [  # (exercise, edits to the solution, the part that fails, what its 
 def test_typical_mistake_is_caught_with_its_own_message(tmp_path, exercise, edits, part, message):
     result = with_mistake(tmp_path, exercise, *edits)
     failed = {p.name: p.message for p in result.parts if p.earned < p.points}
-    assert part in failed, grade.format_result(result)
-    assert message in failed[part], grade.format_result(result)
-    assert 0 < result.score < POINTS or result.score == 0 and result.parts, grade.format_result(result)
+    assert part in failed, grading.format_result(result)
+    assert message in failed[part], grading.format_result(result)
+    assert 0 < result.score < POINTS or result.score == 0 and result.parts, grading.format_result(result)
 
 
 def test_every_exercise_has_a_caught_mistake():
     assert {m[0] for m in MISTAKES} == set(EXERCISES)
+
+
+def test_writing_the_kv_cache_twice_per_step_is_named(tmp_path):
+    twice = "cache.update(attn.layer, k, v)\n    k, v = cache.update(attn.layer, k, v)"
+    result = with_mistake(tmp_path, "decode_step", ("k, v = cache.update(attn.layer, k, v)", twice))
+    assert result.score == 0 and "exceeds the cache's max_len 7" in result.error, grading.format_result(result)
+    assert "Call cache.update once per decode step" in result.error
 
 
 def test_calling_the_package_function_earns_nothing(tmp_path):
@@ -282,8 +295,8 @@ def solution_cell(name: str, source: str) -> dict:
 
 
 def test_infinite_loop_exit_and_syntax_error_cost_only_their_exercise(tmp_path):
-    bleu = grade.read_notebook(NOTEBOOKS["clipped_precision"])
-    correct = "".join(bleu["cells"][grade.find_exercises(bleu)["clipped_precision"]]["source"])
+    bleu = grading.read_notebook(NOTEBOOKS["clipped_precision"])
+    correct = "".join(bleu["cells"][grading.find_exercises(bleu)["clipped_precision"]]["source"])
     nb = {
         "cells": [
             solution_cell("patchify", "def patchify(images, patch_size):\n    return images.reshape(\n"),
@@ -300,7 +313,7 @@ def test_infinite_loop_exit_and_syntax_error_cost_only_their_exercise(tmp_path):
     }
     path = tmp_path / "submitted.ipynb"
     path.write_text(json.dumps(nb))
-    results = {r.exercise: r for r in grade.grade_notebook(path, timeout=5).results}
+    results = {r.exercise: r for r in grading.grade_notebook(path, timeout=5).results}
     assert results["clipped_precision"].score == POINTS
     assert results["patchify"].score == 0 and results["patchify"].error.startswith(
         "syntax error in your solution cell, line 2"
@@ -315,28 +328,28 @@ def test_infinite_loop_exit_and_syntax_error_cost_only_their_exercise(tmp_path):
 
 
 def test_a_notebook_that_lost_its_nbgrader_metadata_is_graded_by_function_name(tmp_path):
-    nb = grade.read_notebook(NOTEBOOKS["clipped_precision"])
+    nb = grading.read_notebook(NOTEBOOKS["clipped_precision"])
     for cell in nb["cells"]:
         cell["metadata"] = {}
     path = tmp_path / "no_metadata.ipynb"
     path.write_text(json.dumps(nb))
-    (result,) = grade.grade_notebook(path, isolate=False).results
+    (result,) = grading.grade_notebook(path, isolate=False).results
     assert (result.exercise, result.score) == ("clipped_precision", POINTS)
 
 
 def test_command_line_reports_json_and_survives_files_that_are_not_notebooks(tmp_path, capsys):
-    grade.cli(["--make-student", str(NOTEBOOKS["clipped_precision"]), str(tmp_path / "release")])
+    grading.cli(["--make-student", str(NOTEBOOKS["clipped_precision"]), str(tmp_path / "release")])
     (tmp_path / "broken.ipynb").write_text("{not json")
     (tmp_path / "other.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
     capsys.readouterr()
-    grade.cli(["--json", str(tmp_path / "release"), str(tmp_path / "broken.ipynb"), str(tmp_path / "other.ipynb")])
+    grading.cli(["--json", str(tmp_path / "release"), str(tmp_path / "broken.ipynb"), str(tmp_path / "other.ipynb")])
     report = json.loads(capsys.readouterr().out)
     assert (report["score"], report["points"]) == (0, POINTS)
     released, broken, other = report["notebooks"]
     assert released["exercises"][0]["error"].startswith("not attempted")
     assert "not a readable notebook" in broken["error"] and "no exercise found" in other["error"]
     with pytest.raises(ValueError, match="name the notebooks to grade"):
-        grade.cli([])
+        grading.cli([])
 
 
 # ----------------------------------------------------------------------------- student versions
@@ -370,11 +383,11 @@ def test_student_version_clears_solutions_hidden_tests_and_outputs_as_nbgrader_d
             },
         ]
     }
-    cells = grade.student_version(nb)["cells"]
+    cells = grading.student_version(nb)["cells"]
     source = ["".join(c["source"]) for c in cells]
     assert source[0] == 'def f(x):\n    """Doc."""\n    # YOUR CODE HERE\n    raise NotImplementedError()\n'
     assert cells[0]["outputs"] == [] and cells[0]["execution_count"] is None
-    assert source[1] == grade.STUB and source[2] == grade.TEXT_STUB
+    assert source[1] == grading.STUB and source[2] == grading.TEXT_STUB
     assert source[3] == "assert f(1) == 2\n"
     assert "BEGIN SOLUTION" in nb["cells"][0]["source"]  # the source notebook is left alone
 
@@ -390,7 +403,7 @@ def test_student_version_clears_solutions_hidden_tests_and_outputs_as_nbgrader_d
 def test_student_version_refuses_badly_marked_regions(source, metadata, error):
     nb = {"cells": [{"cell_type": "code", "metadata": {"nbgrader": metadata}, "source": source}]}
     with pytest.raises(ValueError, match=error):
-        grade.student_version(nb, "bad.ipynb")
+        grading.student_version(nb, "bad.ipynb")
 
 
 # ----------------------------------------------------------------------------- the checks follow the package
@@ -427,7 +440,7 @@ def test_the_checks_target_rule_is_the_loaders(task):
             torch.tensor(loader.lengths[row : row + 1]),
             torch.tensor(loader.prompt_lengths[row : row + 1]),
         )
-        _, expected = grade._reference_join(torch.zeros(1, 0, 1), torch.zeros(1, 10, 1), tokens, lengths, prompts)
+        _, expected = reference_join(torch.zeros(1, 0, 1), torch.zeros(1, 10, 1), tokens, lengths, prompts)
         assert expected[0].tolist() == targets.tolist()
 
 
@@ -436,5 +449,13 @@ def test_the_checks_top_p_rule_is_the_package_sample_next():
     for temperature, top_p in [(1.0, 0.6), (1.0, 0.9), (0.5, 0.8), (2.0, 0.7)]:
         g = torch.Generator().manual_seed(0)
         drawn = set(sample_next(probs.log().expand(4000, 5), temperature, None, top_p, g).tolist())
-        kept = grade._nucleus(grade._tempered(probs, temperature), top_p)
+        kept = _nucleus(_tempered(probs, temperature), top_p)
         assert drawn == set(torch.where(kept)[0].tolist())
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "soon"])
+def test_grade_timeout_must_be_a_finite_positive_number_of_seconds(value):
+    result = subprocess.run(
+        [sys.executable, "-m", "nanovlm", "grade", "x.ipynb", "--timeout", value], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "argument --timeout" in result.stderr and "Traceback" not in result.stderr

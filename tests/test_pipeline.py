@@ -1,6 +1,7 @@
 """The command line end to end: the main job, resuming it, captioning files, and the coco preset's smoke run."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,9 +114,20 @@ def test_coco_preset_smoke_run_on_cpu(tmp_path):
     assert report["n_images"] == 6 and "cider" in report["model"]
 
 
+@pytest.mark.parametrize("folders", [("train2017", "val2017"), ("val2017",), ("train2017",)])
+def test_data_coco_prepares_every_image_folder_present(tmp_path, folders):
+    write_tiny_coco(tmp_path)
+    for split in {"train2017", "val2017"} - set(folders):
+        shutil.rmtree(tmp_path / split)
+    result = cli("data", "coco", "--root", tmp_path, "--no-download", "--image-size", 32)
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == sorted(f"{s}_32" for s in folders)
+    for split in folders:
+        assert f"{split}: 6 images of 32px" in result.stdout
+
+
 def test_a_dataset_drawn_with_another_size_is_used_and_named(tiny_scenes, capsys):
+    from nanovlm.config import DataConfig
     from nanovlm.pipeline import prepare_splits
-    from nanovlm.presets import DataConfig
 
     splits = prepare_splits(DataConfig(root=str(tiny_scenes), image_size=32, n_train=60000))
     assert len(splits["train"]) == 128  # nothing redrawn: the tests' scenes are kept

@@ -2,18 +2,21 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from nanovlm.config import DataConfig, TrainConfig
 from nanovlm.data import Loader, PackedSplit
 from nanovlm.decoder import DecoderConfig
+from nanovlm.files import write_dir_atomically
 from nanovlm.pipeline import load_tokenizer
-from nanovlm.presets import DataConfig
 from nanovlm.projector import ProjectorConfig
-from nanovlm.trainer import TrainConfig, Trainer, find_checkpoint, lr_at, make_optimizer, write_dir_atomically
+from nanovlm.trainer import Trainer, find_checkpoint, lr_at, make_optimizer
 from nanovlm.vit import ViTConfig
 from nanovlm.vlm import VLM, VLMConfig
 
@@ -120,23 +123,37 @@ def test_stages_train_only_their_components(tiny_scenes, tmp_path, stage, traine
     assert set(start["training"]) == trained and start["frozen_params"] > 0
 
 
+def ctrl_c_during_step(monkeypatch, at_step: int, presses: int = 1) -> None:
+    """Send this process SIGINT `presses` times in the middle of the forward pass after step `at_step`."""
+    real_loss_sum = Trainer._loss_sum
+
+    def loss_sum(self, batch, model=None):
+        if model is None and self.step == at_step:
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+        return real_loss_sum(self, batch, model)
+
+    monkeypatch.setattr(Trainer, "_loss_sum", loss_sum)
+
+
+def one_line_per_step(out) -> bool:
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    return steps == sorted(set(steps))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_after_interrupt_gives_the_same_losses(tiny_scenes, tmp_path, monkeypatch, optimizer):
+def test_ctrl_c_mid_step_finishes_the_step_saves_and_resumes_exactly(tiny_scenes, tmp_path, monkeypatch, optimizer):
     straight = make_trainer(tiny_scenes, tmp_path / "a", optimizer=optimizer)
     straight.fit()
 
     interrupted = make_trainer(tiny_scenes, tmp_path / "b", optimizer=optimizer)
-    real_step = Trainer.train_step
-
-    def step_then_ctrl_c(self):
-        if self.step == 7:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    ctrl_c_during_step(monkeypatch, at_step=6)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit() put Python's handler back
+    state = torch.load(tmp_path / "b" / "last" / "trainer.pt", weights_only=True)
+    assert state["step"] == 7 and state["loader"]["step"] == 7  # the step that was running, and no batch more
 
     with pytest.raises(ValueError, match="was trained with"):  # the other optimizer cannot take its state
         make_trainer(tiny_scenes, tmp_path / "c", optimizer={"adamw": "muon", "muon": "adamw"}[optimizer]).resume(
@@ -147,8 +164,30 @@ def test_resume_after_interrupt_gives_the_same_losses(tiny_scenes, tmp_path, mon
     assert resumed.step == 7
     resumed.fit()
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # exactly, every step
+    assert one_line_per_step(tmp_path / "b")
     for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_second_ctrl_c_stops_at_once_and_resumes_from_the_periodic_checkpoint(tiny_scenes, tmp_path, monkeypatch):
+    straight = make_trainer(tiny_scenes, tmp_path / "a", grad_accum=2)
+    straight.fit()
+    interrupted = make_trainer(tiny_scenes, tmp_path / "b", grad_accum=2)
+    ctrl_c_during_step(monkeypatch, at_step=6, presses=2)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b" / "last" / "trainer.pt", weights_only=True)["step"] == 4  # the periodic one
+    assert max(losses(tmp_path / "b")) == 6  # steps 5 and 6 were logged after it
+    resumed = make_trainer(tiny_scenes, tmp_path / "b", grad_accum=2)
+    resumed.resume(tmp_path / "b" / "last")
+    assert resumed.step == 4
+    resumed.fit(until=6)  # and once more: stop at step 6, resume from there
+    resumed = make_trainer(tiny_scenes, tmp_path / "b", grad_accum=2)
+    resumed.resume(tmp_path / "b" / "last")
+    resumed.fit()
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert one_line_per_step(tmp_path / "b")
 
 
 def test_stop_early_and_resume_from_periodic_checkpoint(tiny_scenes, tmp_path):
@@ -246,3 +285,36 @@ def test_cli_rejects_bad_arguments_with_a_message(tmp_path):
         [sys.executable, "-m", "nanovlm", "train", "--preset", "huge"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
+
+
+def train_until_signalled(command, out, sig, after_step, env):
+    """Start `command`, send it `sig` once metrics.jsonl shows step `after_step`; return its exit code."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= after_step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.01)
+    proc.communicate(timeout=300)
+    return proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_cli_run_interrupted_twice_ends_as_the_uninterrupted_one(tiny_scenes, tmp_path, sig):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "nanovlm", "train", "--data", str(tiny_scenes), "--max-steps", "30",
+               "--eval-every", "10", "--no-report", *TINY_FLAGS]  # fmt: skip
+    run_cli([*command[1:], "--out", str(tmp_path / "a")])
+    out = tmp_path / "b"
+    for after_step in (7, 18):
+        code = train_until_signalled([*command, "--out", str(out)], out, sig, after_step, env)
+        assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    run_cli([*command[1:], "--out", str(out)])
+    assert losses(out) == losses(tmp_path / "a")
+    assert one_line_per_step(out)
+    a, _ = VLM.load(tmp_path / "a" / "last")
+    b, _ = VLM.load(out / "last")
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -71,7 +71,7 @@ def test_show_patches_rejects_a_patch_size_that_does_not_divide_the_image(image)
 
 def test_patch_grid_shows_exactly_the_patches_patchify_cuts(image, tmp_path):
     fig = viz.patch_grid(image, 8, path=tmp_path / "grid.png")
-    pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255  # as evaluate.to_tensor reads it
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255  # as data.to_tensor reads it
     patches = patchify(pixels, 8)[0]  # (16, 8*8*3)
     shown = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title() for ax in shown] == [str(i) for i in range(16)]
