@@ -13,6 +13,9 @@ images and token ids of the preset's shape (or, with --real-data, on a Loader ov
 generation runs `VLM.generate` on a randomly initialised model. Warm-up steps (and torch.compile's compilation) are not
 timed; step times are medians. Add --json for machine-readable output. On a shared machine the figures
 move with the load: the load average is printed with them.
+
+One file on purpose, though longer than the others: every measurement shares the same timing, peak and
+table code, and whoever compares two figures should find how both were taken in one place.
 """
 
 import argparse
@@ -28,7 +31,8 @@ from contextlib import nullcontext, redirect_stdout
 import torch
 
 from .config import PRESETS, RunConfig, device_or_auto, get_preset, nonnegative_int, positive_int, positive_ints
-from .data import Loader, PackedSplit, loader_benchmark
+from .data import PackedSplit
+from .loader import Loader, loader_benchmark
 from .tokenizer import Tokenizer
 from .trainer import Trainer, resolve_device
 from .vlm import VLM, VLMConfig
@@ -161,7 +165,7 @@ def random_batches(run: RunConfig, n: int = 4, seed: int = 0) -> list[dict[str, 
 
 
 class Cycle:
-    """Stands in for a data.Loader: batch k is one of a few batches made in advance."""
+    """Stands in for a loader.Loader: batch k is one of a few batches made in advance."""
 
     def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
         self.batches = batches
@@ -188,7 +192,7 @@ def make_trainer(
         split, tokenizer = prepared_train_split(run)
         run.finalize(vocab_size=tokenizer.vocab_size)
         batches = Loader(split, tokenizer, run.train.batch_size, run.data.max_text_len, task=run.train.task)
-        inputs = f"{split.dir} via data.Loader"
+        inputs = f"{split.dir} via loader.Loader"
     else:
         batches = Cycle(random_batches(run))  # made once, so making them is not timed
         inputs = "random images and tokens of the preset's shape"

@@ -17,9 +17,10 @@ import torch.distributed as dist
 
 from . import scenes
 from .config import DataConfig, RunConfig
-from .data import Loader, PackedSplit, prepare
+from .data import PackedSplit, prepare
 from .evaluate import evaluate_split, score_table
 from .files import write_file_atomically
+from .loader import Loader
 from .tokenizer import SPLIT_PATTERN, Tokenizer
 from .trainer import Trainer, init_distributed
 from .vlm import VLM

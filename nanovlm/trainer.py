@@ -114,7 +114,7 @@ def set_trainable(model: VLM, components: tuple[str, ...]) -> None:
 
 
 class Trainer:
-    """Trains a VLM on batches from a data.Loader; see the module docstring for what one step does."""
+    """Trains a VLM on batches from a loader.Loader; see the module docstring for what one step does."""
 
     def __init__(self, model: VLM, tokenizer: Tokenizer, train_loader, val_loader, cfg: TrainConfig) -> None:
         self.cfg = cfg

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from nanovlm import data
-from nanovlm.data import BadImageError, Loader, PackedSplit, load_image, prepare, read_captions, to_rgb
+from nanovlm.data import BadImageError, PackedSplit, load_image, prepare, read_captions, to_rgb
+from nanovlm.loader import Loader, loader_benchmark
 from nanovlm.tokenizer import Tokenizer
 
 SPLIT = "val"
@@ -422,4 +423,4 @@ def test_text_task_visits_every_caption_once_per_epoch(packed, tok):
 
 
 def test_loader_benchmark_reports_samples_per_second(packed, tok):
-    assert data.loader_benchmark(packed, tok, batch_size=4, max_len=12, batches=3) > 0
+    assert loader_benchmark(packed, tok, batch_size=4, max_len=12, batches=3) > 0

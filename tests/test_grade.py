@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from nanovlm import grading
-from nanovlm.data import Loader
 from nanovlm.grading import EXERCISES, POINTS
 from nanovlm.grading.ex05_loss_mask import reference_join
 from nanovlm.grading.ex06_sampling import _nucleus, _tempered
+from nanovlm.loader import Loader
 from nanovlm.vlm import sample_next
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from nanovlm import scenes
-from nanovlm.data import Loader, PackedSplit, prepare
+from nanovlm.data import PackedSplit, prepare
+from nanovlm.loader import Loader
 from nanovlm.vlm import VLM
 
 SMALL_MODEL = (

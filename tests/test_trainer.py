@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from nanovlm.config import DataConfig, TrainConfig
-from nanovlm.data import Loader, PackedSplit
+from nanovlm.data import PackedSplit
 from nanovlm.decoder import DecoderConfig
 from nanovlm.files import write_dir_atomically
+from nanovlm.loader import Loader
 from nanovlm.pipeline import load_tokenizer
 from nanovlm.projector import ProjectorConfig
 from nanovlm.trainer import Trainer, find_checkpoint, lr_at, make_optimizer

@@ -12,7 +12,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from nanovlm.data import Loader, PackedSplit, prepare
+from nanovlm.data import PackedSplit, prepare
+from nanovlm.loader import Loader
 from nanovlm.vlm import IGNORE, VLM
 
 

@@ -1,6 +1,6 @@
 """Exercise 5, join_image_and_text: the [image | text] sequence and its loss mask.
 
-Checked against the rule of nanovlm.data.Loader and nanovlm.vlm.VLM. Its toy token rows and reference targets
+Checked against the rule of nanovlm.loader.Loader and nanovlm.vlm.VLM. Its toy token rows and reference targets
 also make exercise 9's batches.
 """
 
@@ -37,7 +37,7 @@ def token_rows(g: torch.Generator, rows: list[tuple[int, int]], T: int, vocab: i
 
 
 def reference_join(image_tokens, text_embeds, tokens, lengths, prompt_lengths) -> tuple[torch.Tensor, torch.Tensor]:
-    """The joined inputs (B, N+T, D) and targets (B, N+T), by the rule of nanovlm.data.Loader and nanovlm.vlm.VLM.
+    """The joined inputs (B, N+T, D) and targets (B, N+T), by the rule of nanovlm.loader.Loader and nanovlm.vlm.VLM.
 
     Text position t predicts tokens[t + 1]; it is scored unless it is padding (t >= length - 1) or part of the
     prompt (t < prompt_length - 1). Image positions are never scored.

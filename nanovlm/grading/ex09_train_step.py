@@ -35,7 +35,7 @@ def _train_model() -> VLM:
 
 
 def _train_batch(g: torch.Generator, rows: list[tuple[int, int]], T: int = 8) -> dict[str, torch.Tensor]:
-    """A batch as nanovlm.data.Loader makes it: images, input_ids (B, T), targets (B, T) with -100."""
+    """A batch as nanovlm.loader.Loader makes it: images, input_ids (B, T), targets (B, T) with -100."""
     tokens, lengths, prompts = token_rows(g, rows, T, vocab=32)
     B = len(rows)
     _, targets = reference_join(torch.zeros(B, 0, 1), torch.zeros(B, T, 1), tokens, lengths, prompts)
