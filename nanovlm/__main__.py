@@ -18,20 +18,23 @@ def add_train_parser(sub) -> None:
     p.add_argument("--preset", default="scenes", choices=sorted(config.PRESETS), help="named configuration")
     p.add_argument("--fresh", action="store_true", help="refuse to resume: fail if --out already holds a run")
     p.add_argument("--no-report", action="store_true", help="skip the captions and scores printed at the end")
-    defaults = config.get_preset("scenes")
-    groups = {}
-    for flag, (obj, attr) in config.override_fields(defaults).items():
-        kind = type(obj).__name__
-        if kind not in groups:
-            groups[kind] = p.add_argument_group(f"{kind} fields (defaults shown are the scenes preset's)")
-        value = getattr(obj, attr)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        groups[kind].add_argument(
-            f"--{flag}",
-            dest=f"set:{flag}",
-            metavar=type(value).__name__.upper(),
-            help=f"{config.field_help(obj, attr)} (scenes: {shown})",
-        )
+    groups, seen = {}, set()
+    for preset in ("scenes", "clip"):  # the captioner's settings, then those only a contrastive model has
+        for flag, (obj, attr) in config.override_fields(config.get_preset(preset)).items():
+            if flag in seen:
+                continue
+            seen.add(flag)
+            kind = type(obj).__name__
+            if kind not in groups:
+                groups[kind] = p.add_argument_group(f"{kind} fields (defaults shown are the {preset} preset's)")
+            value = getattr(obj, attr)
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            groups[kind].add_argument(
+                f"--{flag}",
+                dest=f"set:{flag}",
+                metavar=type(value).__name__.upper(),
+                help=f"{config.field_help(obj, attr)} ({preset}: {shown})",
+            )
 
 
 def cmd_train(args) -> None:
@@ -87,13 +90,31 @@ def cmd_caption(args) -> None:
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="score a trained model on a prepared split")
     p.add_argument("--ckpt", required=True, help="a saved model folder, e.g. runs/scenes/best")
+    p.add_argument(
+        "--task",
+        choices=("captions", "retrieval", "zeroshot", "swaps"),
+        default="captions",
+        help="captions: a captioner's captions and answers; for a CLIP checkpoint: retrieval (recall@K), zeroshot "
+        "(colour/shape/size of one-object scenes), swaps (true caption vs colours or relation swapped)",
+    )
     p.add_argument("--data", default="data/scenes", help="dataset root (scenes or COCO layout)")
     p.add_argument("--split", default="val", help="split name, e.g. val, test, novel, val2017")
     p.add_argument("--limit", type=config.positive_int, default=None, help="score only the first N images")
     p.add_argument("--no-blind", action="store_true", help="skip the blind (no image) baseline")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--sheet", default=None, help="write a PNG of the first 16 images with their captions here")
+    p.add_argument(
+        "--sheet",
+        default=None,
+        help="write a PNG here: captions: the first 16 images with their captions; retrieval: the image-caption "
+        "similarity matrix of the first 8 images",
+    )
     p.add_argument("--device", type=config.device, default="cpu")
+    p.add_argument(
+        "--query",
+        default=None,
+        metavar="TEXT",
+        help="retrieval with --sheet PATH: also draw the images nearest to TEXT, in PATH's folder as NAME_query.png",
+    )
 
 
 def cmd_eval(args) -> None:
@@ -101,6 +122,34 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate_split, json_summary, score_table
     from .vlm import VLM
 
+    if args.query is not None and (args.task != "retrieval" or not args.sheet):
+        raise ValueError("--query needs --task retrieval and --sheet PATH: its picture is written next to PATH")
+    if args.task != "captions":
+        from .clip import CLIP
+        from .clip_eval import TASKS, format_clip_report
+        from .viz import retrieve_sheet, similarity_sheet
+
+        if args.sheet and args.task != "retrieval":
+            raise ValueError(f"--sheet draws for --task captions or retrieval; --task {args.task} has no sheet")
+        try:
+            model, tok = CLIP.load(args.ckpt, device=args.device)
+        except ValueError as e:
+            raise ValueError(f"eval --task {args.task} needs a CLIP checkpoint: {e}") from e
+        split = PackedSplit(prepare(args.data, args.split, model.cfg.vit.image_size))  # notes go to stderr
+        summary = TASKS[args.task](model, tok, split, limit=args.limit)
+        if args.sheet:
+            similarity_sheet(model, tok, split, path=args.sheet)
+        if args.query is not None:
+            sheet = Path(args.sheet)
+            nearest = sheet.with_name(f"{sheet.stem}_query{sheet.suffix or '.png'}")
+            retrieve_sheet(model, tok, split, args.query, path=nearest, limit=args.limit)
+        if args.json:
+            print(json.dumps(json_summary(summary), indent=2, allow_nan=False))
+        else:
+            n = min(args.limit or len(split), len(split))
+            print(f"CLIP {args.task} on the first {n} '{args.split}' images of {args.data}")
+            print(format_clip_report(summary))
+        return
     model, tok = VLM.load(args.ckpt, device=args.device)
     split = PackedSplit(prepare(args.data, args.split, model.cfg.vit.image_size))  # notes go to stderr
     summary = evaluate_split(model, tok, split, limit=args.limit, blind_baseline=not args.no_blind)

@@ -175,7 +175,7 @@ class Cycle:
 
 
 def prepared_train_split(run: RunConfig) -> tuple[PackedSplit, Tokenizer]:
-    """The preset's packed training split and tokenizer, made first if missing (scenes: generated, ~1 min)."""
+    """The preset's packed training split and tokenizer, made first if missing."""
     from .pipeline import load_tokenizer, prepare_splits
 
     with redirect_stdout(sys.stderr):  # progress messages must not mix with the results (--json)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .clip import CLIPConfig
 from .decoder import DecoderConfig
 from .projector import ProjectorConfig
 from .tokenizer import SPECIAL_TOKENS
@@ -58,13 +59,16 @@ class DataConfig:
             raise ValueError(f"max_text_len must be at least 2 (the prompt and the end token), got {self.max_text_len}")
 
 
-# stage -> (data task, components that train); everything else is frozen
+# stage -> (data task, components that train); everything else is frozen. "clip" trains a contrastive model
+# (clip.CLIP), the others a captioner (vlm.VLM).
 STAGES = {
+    "clip": ("contrastive", ("vit", "text", "image_proj", "text_proj", "logit_scale")),
     "text": ("text", ("decoder",)),
     "align": ("caption", ("projector",)),
     "full": ("caption", ("vit", "projector", "decoder")),
     "instruct": ("qa", ("vit", "projector", "decoder")),
 }
+COMPONENTS = {"vit", "projector", "decoder", "text", "image_proj", "text_proj", "logit_scale"}
 
 
 @dataclass
@@ -88,15 +92,20 @@ class TrainConfig:
     dtype: str = setting("auto", '"auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"')
     compile: str = setting("auto", '"auto" (on for CUDA, off on CPU), "on" or "off"')
     train: tuple[str, ...] = setting((), "components to train; empty = the stage's default")
+    init_vision: str = setting("", "a CLIP checkpoint folder whose ViT the captioner starts from; empty = random")
     first_caption_prob: float = setting(0.0, "chance of the dataset's first (canonical) caption; 0 = uniform")
     out: str = setting("runs/scenes", "where checkpoints and logs go")
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose one of {sorted(STAGES)}")
-        unknown = set(self.train) - {"vit", "projector", "decoder"}
+        unknown = set(self.train) - COMPONENTS
         if unknown:
-            raise ValueError(f"train names unknown components {sorted(unknown)}; use vit, projector, decoder")
+            raise ValueError(f"train names unknown components {sorted(unknown)}; use {', '.join(sorted(COMPONENTS))}")
+        if self.init_vision and self.stage == "clip":
+            raise ValueError(
+                "init_vision starts a captioner's ViT from a CLIP checkpoint; the clip stage trains its own"
+            )
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -139,7 +148,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: VLMConfig = field(default_factory=VLMConfig)
+    model: VLMConfig | CLIPConfig = field(default_factory=VLMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def finalize(self, vocab_size: int | None = None) -> "RunConfig":
@@ -150,6 +159,11 @@ class RunConfig:
         vocab_size; left as it is when None, before the tokenizer exists).
         """
         m, d = self.model, self.data
+        if (self.train.stage == "clip") != isinstance(m, CLIPConfig):
+            wanted = "a contrastive model (--preset clip)" if self.train.stage == "clip" else "a captioner"
+            raise ValueError(f"stage {self.train.stage!r} trains {wanted}, not a {type(m).__name__}")
+        if isinstance(m, CLIPConfig):
+            return self._finalize_clip(vocab_size)
         m.vit.image_size = d.image_size
         m.projector.in_dim, m.projector.out_dim = m.vit.dim, m.decoder.dim
         if vocab_size is not None:
@@ -163,6 +177,19 @@ class RunConfig:
                 f"{m.vit.image_size} / patch_size {m.vit.patch_size} = {side} patches a side"
             )
         m.decoder.max_seq_len = m.n_image_tokens + d.max_text_len
+        m.__post_init__()
+        return self
+
+    def _finalize_clip(self, vocab_size: int | None) -> "RunConfig":
+        """finalize() for a contrastive model: its ViT reads the data's images, its text encoder the captions."""
+        m, d = self.model, self.data
+        m.vit.image_size = d.image_size
+        m.text.max_seq_len = d.max_text_len
+        if vocab_size is not None:
+            m.text.vocab_size = vocab_size
+        m.eot_id = m.text.vocab_size - len(SPECIAL_TOKENS)  # <|endoftext|> is the first id after the BPE ranks
+        for cfg in (self.train, d, m.vit, m.text):
+            cfg.__post_init__()
         m.__post_init__()
         return self
 
@@ -191,6 +218,36 @@ def _scenes() -> RunConfig:
             first_caption_prob=1.0,
             optimizer="muon",
             out="runs/scenes",
+        ),
+    )
+
+
+def _clip() -> RunConfig:
+    # Stage 1: a contrastive image and text encoder on the scenes' canonical captions. Its ViT is the scenes
+    # preset's, so that `--init-vision runs/clip/best` can start the captioner from it; a contrastive loss
+    # learns more from a larger batch (more negatives per positive).
+    return RunConfig(
+        data=DataConfig(
+            kind="scenes", root="data/scenes", image_size=64, vocab_size=512, max_text_len=52, n_train=40000
+        ),
+        model=CLIPConfig(
+            vit=ViTConfig(patch_size=4, dim=64, n_layers=2, n_heads=1),
+            text=DecoderConfig(dim=64, n_layers=2, n_heads=2),
+            embed_dim=64,
+        ),
+        train=TrainConfig(
+            stage="clip",
+            max_steps=400,
+            batch_size=256,
+            lr=5e-3,
+            min_lr=1e-4,
+            warmup_steps=30,
+            weight_decay=0.1,
+            eval_every=100,
+            eval_batches=4,
+            first_caption_prob=1.0,
+            optimizer="muon",
+            out="runs/clip",
         ),
     )
 
@@ -232,7 +289,7 @@ def _coco() -> RunConfig:
     )
 
 
-PRESETS = {"scenes": _scenes, "tiny": _tiny, "coco": _coco}
+PRESETS = {"scenes": _scenes, "clip": _clip, "tiny": _tiny, "coco": _coco}
 
 
 def get_preset(name: str) -> RunConfig:
@@ -248,13 +305,12 @@ def override_fields(run: RunConfig) -> dict[str, tuple[object, str]]:
     the root; model fields are prefixed with their component (--vit-n-layers, --decoder-dim).
     """
     out = {}
-    for obj, prefix in (
-        (run.train, ""),
-        (run.data, ""),
-        (run.model.vit, "vit-"),
-        (run.model.projector, "projector-"),
-        (run.model.decoder, "decoder-"),
-    ):
+    m = run.model
+    if isinstance(m, CLIPConfig):
+        components = ((m.vit, "vit-"), (m.text, "text-"), (m, "clip-"))
+    else:
+        components = ((m.vit, "vit-"), (m.projector, "projector-"), (m.decoder, "decoder-"))
+    for obj, prefix in ((run.train, ""), (run.data, ""), *components):
         for f in fields(obj):
             if is_dataclass(getattr(obj, f.name)):
                 continue
@@ -280,6 +336,13 @@ COMPONENT_HELP = {
         "out_dim": "width of the decoder's token embeddings",
         "pixel_shuffle": "s: merge s x s neighbouring patches into one token (1 = off)",
         "hidden_mult": "hidden width of the MLP is hidden_mult * out_dim",
+    },
+    CLIPConfig: {
+        "embed_dim": "width of the shared image-text space",
+        "eot_id": "id of <|endoftext|>: the text's vector is read there",
+        "init_temperature": "softmax temperature at the start (learned from there)",
+        "max_logit_scale": "largest 1/temperature the loss may use",
+        "kind": "what config.json says the model is",
     },
     DecoderConfig: {
         "vocab_size": "number of token ids (BPE ranks + special tokens)",
@@ -328,6 +391,15 @@ def apply_overrides(run: RunConfig, values: dict[str, str]) -> RunConfig:
 def _decided_elsewhere(run: RunConfig) -> dict[str, tuple[object, str]]:
     """Fields that finalize() sets from others (or from the tokenizer): a flag may only repeat their value."""
     m = run.model
+    if isinstance(m, CLIPConfig):
+        return {
+            "vit-image-size": (m.vit.image_size, "--image-size sets it"),
+            "vit-channels": (3, "the images are RGB"),
+            "text-max-seq-len": (m.text.max_seq_len, "--max-text-len sets it"),
+            "text-vocab-size": (run.data.vocab_size, "the tokenizer sets it from --vocab-size"),
+            "clip-eot-id": (m.eot_id, "the tokenizer sets it"),
+            "clip-kind": ("clip", "it names the kind of model"),
+        }
     return {
         "vit-image-size": (m.vit.image_size, "--image-size sets it"),
         "vit-channels": (3, "the images are RGB"),

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import scenes
+from .clip import CLIP, CLIPConfig
 from .config import DataConfig, RunConfig
 from .data import PackedSplit, prepare
 from .evaluate import evaluate_split, score_table
@@ -102,7 +103,8 @@ def make_loaders(run: RunConfig, tokenizer: Tokenizer, splits: dict[str, PackedS
     t, d = run.train, run.data
     if t.batch_size % world:
         raise ValueError(f"--batch-size {t.batch_size} does not divide over {world} processes")
-    kwargs = dict(tokenizer=tokenizer, batch_size=t.batch_size // world, max_len=d.max_text_len, task=t.task)
+    task = "caption" if t.task == "contrastive" else t.task  # a contrastive model reads image-caption pairs too
+    kwargs = dict(tokenizer=tokenizer, batch_size=t.batch_size // world, max_len=d.max_text_len, task=task)
     kwargs.update(rank=rank, world_size=world)
     first = t.first_caption_prob or None
     train = Loader(splits[d.train_split], seed=t.seed, first_caption_prob=first, **kwargs)
@@ -124,7 +126,9 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
         tokenizer = load_tokenizer(cfg.data, splits[cfg.data.train_split])
     cfg.finalize(vocab_size=tokenizer.vocab_size)
     torch.manual_seed(cfg.train.seed)
-    model = VLM(cfg.model)
+    model = CLIP(cfg.model) if isinstance(cfg.model, CLIPConfig) else VLM(cfg.model)
+    if cfg.train.init_vision:
+        start_vision_from(model, cfg.train.init_vision)
     trainer = Trainer(model, tokenizer, *make_loaders(cfg, tokenizer, splits, rank, world), cfg.train)
     out = Path(cfg.train.out)
     if (out / "last").exists() or (out / "last.old").exists():
@@ -139,7 +143,18 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
         from .viz import plot_losses
 
         plot_losses(out / "metrics.jsonl", out / "loss.png")
-    if report and rank == 0:
+    if report and rank == 0 and isinstance(model, CLIP):
+        from .clip_eval import evaluate_clip, format_clip_report
+
+        best, _ = CLIP.load(out / "best", device=str(trainer.device))
+        summary = evaluate_clip(best, tokenizer, splits[cfg.data.test_split])
+        summary["wall_s"] = round(time.perf_counter() - t0, 1)
+        (out / "report.json").write_text(json.dumps(summary, indent=2))
+        print(f"\nRetrieval, zero-shot classification and caption swaps on '{cfg.data.test_split}':")
+        for name in ("retrieval", "zeroshot", "swaps"):
+            print(f"\n{format_clip_report(summary[name])}")
+        print(f"wall time {summary['wall_s']:.0f} s")
+    elif report and rank == 0:
         best, _ = VLM.load(out / "best", device=str(trainer.device))
         summary = evaluate_split(
             best, tokenizer, splits[cfg.data.test_split], limit=1000, questions=cfg.train.stage == "instruct"
@@ -158,17 +173,32 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
     return out
 
 
+def start_vision_from(model: VLM, directory: str) -> None:
+    """Stage 1 of the pipeline: copy a trained CLIP's ViT into the captioner (the rest stays as it is)."""
+    clip, _ = CLIP.load(directory)
+    if clip.cfg.vit != model.cfg.vit:
+        raise ValueError(
+            f"--init-vision {directory}: its ViT is {clip.cfg.vit}, but this model's is {model.cfg.vit}; "
+            "give the captioner the same --vit-* settings"
+        )
+    model.vit.load_state_dict(clip.vit.state_dict())
+
+
 def say(rank: int, text: str) -> None:
     if rank == 0:
         print(text, flush=True)
 
 
-def describe(cfg: RunConfig, model: VLM, tokenizer: Tokenizer, splits: dict[str, PackedSplit]) -> str:
+def describe(cfg: RunConfig, model: VLM | CLIP, tokenizer: Tokenizer, splits: dict[str, PackedSplit]) -> str:
     n = sum(p.numel() for p in model.parameters())
     sizes = ", ".join(f"{name} {len(s)}" for name, s in splits.items())
+    if isinstance(model, CLIP):
+        shape = f"contrastive, {cfg.model.vit.n_patches} patches and {cfg.data.max_text_len} text tokens"
+    else:
+        shape = f"{cfg.model.n_image_tokens} image + {cfg.data.max_text_len} text tokens"
     return (
         f"data {cfg.data.root} ({sizes} images, {cfg.data.image_size}px); tokenizer {tokenizer.vocab_size} tokens; "
-        f"model {n / 1e6:.2f}M parameters, {cfg.model.n_image_tokens} image + {cfg.data.max_text_len} text tokens"
+        f"model {n / 1e6:.2f}M parameters, {shape}"
     )
 
 

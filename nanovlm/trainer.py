@@ -7,6 +7,7 @@ needed to continue exactly (model, optimizer, step, data position, random state)
 progress bar.
 
 The stages of the literature are configurations of this one loop (`STAGES`, in config.py):
+- "clip":     a contrastive image and text encoder (clip.CLIP) learns which caption goes with which image;
 - "text":     the decoder learns the language of captions alone (images are not used);
 - "align":    only the projector trains, with the ViT and decoder frozen (LLaVA stage 1);
 - "full":     everything trains on image-caption pairs;
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -38,7 +40,7 @@ from .config import TrainConfig
 from .files import write_dir_atomically, write_file_atomically
 from .muon import Muon
 from .tokenizer import Tokenizer
-from .vlm import IGNORE, VLM
+from .vlm import IGNORE
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -49,7 +51,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: VLM, cfg: TrainConfig, fused: bool = True) -> "torch.optim.Optimizer | MuonAdamW":
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True) -> "torch.optim.Optimizer | MuonAdamW":
     """AdamW over the trainable parameters; weight decay on matrices, not on biases and norms.
 
     With cfg.optimizer == "muon", the 2-D weight matrices inside the ViT and decoder blocks and the projector's
@@ -107,16 +109,17 @@ class MuonAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
-def set_trainable(model: VLM, components: tuple[str, ...]) -> None:
-    """Freeze every component except the named ones."""
-    for name in ("vit", "projector", "decoder"):
-        getattr(model, name).requires_grad_(name in components)
+def set_trainable(model: nn.Module, components: tuple[str, ...]) -> None:
+    """Freeze everything except the named components (attributes of the model: modules or parameters)."""
+    model.requires_grad_(False)
+    for name in components:
+        getattr(model, name).requires_grad_(True)
 
 
 class Trainer:
-    """Trains a VLM on batches from a loader.Loader; see the module docstring for what one step does."""
+    """Trains a VLM (or a CLIP) on batches from a loader.Loader; see the module docstring for what one step does."""
 
-    def __init__(self, model: VLM, tokenizer: Tokenizer, train_loader, val_loader, cfg: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_loader, val_loader, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -132,7 +135,7 @@ class Trainer:
         self.best_val = float("inf")
         self.samples_seen = 0
 
-    def _wrap(self, model: VLM):
+    def _wrap(self, model: nn.Module):
         """DDP under torchrun, then torch.compile where asked: the module used for training steps."""
         wrapped = model
         if self.world > 1:
@@ -150,7 +153,7 @@ class Trainer:
         batches = [self._to_device(self.train_loader.batch(first + i)) for i in range(self.cfg.grad_accum)]
         # normalise by the target tokens of the whole step on all processes, so that the loss (and the
         # gradient) is the same as one big batch on one process, whatever the caption lengths
-        n_tokens = sum((b["targets"] != IGNORE).sum() for b in batches).float()
+        n_tokens = sum(self._count(b) for b in batches)
         if self.world > 1:
             dist.all_reduce(n_tokens)
         lr = lr_at(self.step, self.cfg)
@@ -193,14 +196,24 @@ class Trainer:
         return loss
 
     def _loss_sum(self, batch: dict, model=None) -> torch.Tensor:
-        """Sum of the cross-entropy over the batch's target tokens (not the mean; see train_step)."""
+        """The batch's loss summed over what it averages (not the mean; see train_step): the cross-entropy of
+        every target token, or for a contrastive model its loss times the number of image-caption pairs."""
         model = model or self.step_model
         images = None if self.cfg.task == "text" else batch["images"]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+            if self.cfg.task == "contrastive":
+                _, loss = model(images, batch["input_ids"])  # its negatives are the batch's other pairs
+                return loss.float() * len(images)
             logits, _ = model(images, batch["input_ids"])
         return F.cross_entropy(
             logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum"
         )
+
+    def _count(self, batch: dict) -> torch.Tensor:
+        """How many terms _loss_sum adds up: target tokens, or image-caption pairs."""
+        if self.cfg.task == "contrastive":
+            return torch.tensor(float(len(batch["images"])), device=self.device)
+        return (batch["targets"] != IGNORE).sum().float()
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -212,7 +225,7 @@ class Trainer:
         total = torch.zeros(2, device=self.device)
         for k in range(self.cfg.eval_batches):  # the same held-out batches every time
             batch = self._to_device(self.val_loader.batch(k))
-            total += torch.stack([self._loss_sum(batch, self.model), (batch["targets"] != IGNORE).sum().float()])
+            total += torch.stack([self._loss_sum(batch, self.model), self._count(batch)])
         if self.world > 1:
             dist.all_reduce(total)
         self.model.train()
@@ -317,7 +330,7 @@ class Trainer:
     def resume(self, directory: str | Path) -> None:
         """Load model, optimizer, step, data position and random state written by save()."""
         directory = find_checkpoint(Path(directory))
-        loaded, _ = VLM.load(directory, device=str(self.device))
+        loaded, _ = type(self.model).load(directory, device=str(self.device))
         if loaded.cfg != self.model.cfg:
             raise ValueError(
                 f"{directory} holds a model of another configuration; "
@@ -366,7 +379,8 @@ def _logged_step(line: str) -> float:
 class CtrlC:
     """While active, Ctrl-C only sets .pressed, so the loop can stop between two steps; a second one stops at once.
 
-    Outside the main thread (where Python cannot catch signals) it does nothing and Ctrl-C works as usual.
+    Outside the main thread (where Python cannot catch signals) it does nothing and Ctrl-C works as usual; where
+    SIGINT is ignored (a background job, nohup) it stays ignored.
     """
 
     def __init__(self) -> None:
@@ -379,11 +393,14 @@ class CtrlC:
         print("\nstopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "CtrlC":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
-            if self._previous is None:  # a handler installed outside Python: Python's own is the closest
-                self._previous = signal.default_int_handler
-            signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN:  # started to ignore Ctrl-C (nohup, a background job): it stays ignored
+            return self
+        # a handler installed outside Python (None) is replaced by Python's own when we are done
+        self._previous = signal.default_int_handler if previous is None else previous
+        signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
-"""Pictures: patch grids, attention maps over the image, captions under images, loss curves.
+"""Pictures: patch grids, attention maps over the image, captions under images, loss curves, and a
+contrastive model's image-text similarities.
 
 Every function returns a matplotlib Figure and, given a path, also writes it there as a PNG (and closes
 it, so scripts do not pile up open figures). Images are (H, W, 3) uint8 arrays, as stored in the prepared
@@ -16,7 +17,9 @@ import torch
 from matplotlib import patheffects
 from matplotlib.figure import Figure
 
-from .data import to_tensor
+from .clip import CLIP
+from .clip_eval import embed_images, embed_texts
+from .data import PackedSplit, to_tensor
 from .tokenizer import Tokenizer
 from .vit import patchify
 from .vlm import VLM
@@ -285,3 +288,71 @@ def plot_throughput(rows: list[dict], title: str = "", out_path: str | Path | No
     fig.suptitle(title)
     fig.tight_layout()
     return _finish(fig, out_path)
+
+
+# ----------------------------------------------------------------------------- image-text similarity (CLIP)
+
+
+def similarity_sheet(
+    model: CLIP, tokenizer: Tokenizer, split: PackedSplit, n: int = 8, path: str | Path | None = None
+) -> Figure:
+    """Cosine similarity of the first n images (columns, drawn on top) with their canonical captions (rows).
+
+    A caption's own image is on the diagonal; white frames mark every cell whose image has that exact
+    caption, the pairs a perfect model puts above the rest of their row.
+    """
+    n = min(n, len(split))
+    if n == 0:
+        raise ValueError(f"similarity_sheet got an empty split {split.dir}; pass one with images")
+    captions = [refs[0] for refs in split.captions[:n]]
+    sim = (embed_texts(model, tokenizer, captions) @ embed_images(model, split.images[:n]).T).numpy()  # (n, n)
+    fig, ax = plt.subplots(figsize=(4.5 + 0.75 * n, 1.6 + 0.8 * n), layout="constrained")
+    im = ax.imshow(sim, cmap="viridis")
+    for j in range(n):  # the images, one cell above their column
+        ax.imshow(_hwc(as_pixels(split.images[j])), extent=(j - 0.45, j + 0.45, -0.6, -1.5))
+    middle = (sim.max() + sim.min()) / 2
+    for i, j in np.ndindex(n, n):
+        color = "black" if sim[i, j] > middle else "white"
+        ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+        if captions[i] == captions[j]:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="white", lw=2))
+    ax.set(xlim=(-0.5, n - 0.5), ylim=(n - 0.5, -1.6))
+    ax.set_xticks(range(n), [str(j) for j in range(n)])
+    labels = [f"{i}: {textwrap.shorten(c, width=56, placeholder=' ...')}" for i, c in enumerate(captions)]
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set(xlabel="image", ylabel="canonical caption of image ...")
+    fig.colorbar(im, ax=ax, label="cosine similarity", shrink=0.7)
+    ax.set_title("Image-caption cosine similarity: each caption should light up its own column")
+    return _finish(fig, path)
+
+
+def retrieve_sheet(
+    model: CLIP,
+    tokenizer: Tokenizer,
+    split: PackedSplit,
+    query: str,
+    k: int = 8,
+    path: str | Path | None = None,
+    limit: int | None = None,
+) -> Figure:
+    """The k images (of the first `limit`) most similar to a typed caption, best first, with their similarity."""
+    n = min(limit or len(split), len(split))
+    if n == 0 or k < 1:
+        raise ValueError(f"retrieve_sheet: k={k} of {n} images; ask for at least 1 of a split with images")
+    sim = (embed_images(model, split.images[:n]) @ embed_texts(model, tokenizer, [query])[0]).numpy()  # (n,)
+    top = np.argsort(-sim, kind="stable")[:k]
+    cols = min(4, len(top))
+    rows = math.ceil(len(top) / cols)
+    # inches per cell: the image, its title above and up to four lines of caption below
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.6 * rows + 0.6), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for rank, (ax, i) in enumerate(zip(axes.flat, top, strict=False), start=1):
+        ax.set_axis_on()
+        ax.imshow(_hwc(as_pixels(split.images[i])))
+        ax.set(xticks=[], yticks=[], title=f"#{rank}  cosine {sim[i]:.3f}")
+        caption = textwrap.shorten(split.captions[i][0], width=130, placeholder=" ...")
+        ax.set_xlabel(textwrap.fill(caption, width=34), fontsize=7, color="0.4")
+    fig.suptitle(f"The {len(top)} of {n} images nearest to: {textwrap.shorten(query, width=90, placeholder=' ...')}")
+    fig.supxlabel("grey: each image's canonical caption", fontsize=8)
+    return _finish(fig, path)

@@ -159,6 +159,11 @@ def _read_config(path: Path) -> VLMConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not JSON text ({_first_line(e)}); it is damaged: copy the model again") from e
+    if isinstance(raw, dict) and raw.get("kind") == "clip":  # what CLIP.save writes
+        raise ValueError(
+            f"{path} is a contrastive model (CLIP), not a captioner; load it with nanovlm.clip.CLIP.load, "
+            "or start a VLM from its ViT"
+        )
     parts = ("vit", "projector", "decoder")
     if not isinstance(raw, dict) or sorted(raw) != sorted(parts) or not all(isinstance(raw[p], dict) for p in parts):
         raise ValueError(f"{path} is not a nanovlm config: it must be an object with objects {list(parts)}")

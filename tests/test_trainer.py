@@ -124,6 +124,14 @@ def test_stages_train_only_their_components(tiny_scenes, tmp_path, stage, traine
     assert set(start["training"]) == trained and start["frozen_params"] > 0
 
 
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT handled as in a terminal (Python's KeyboardInterrupt), even where the tests run with it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def ctrl_c_during_step(monkeypatch, at_step: int, presses: int = 1) -> None:
     """Send this process SIGINT `presses` times in the middle of the forward pass after step `at_step`."""
     real_loss_sum = Trainer._loss_sum
@@ -143,7 +151,9 @@ def one_line_per_step(out) -> bool:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_ctrl_c_mid_step_finishes_the_step_saves_and_resumes_exactly(tiny_scenes, tmp_path, monkeypatch, optimizer):
+def test_ctrl_c_mid_step_finishes_the_step_saves_and_resumes_exactly(
+    tiny_scenes, tmp_path, monkeypatch, optimizer, terminal_sigint
+):
     straight = make_trainer(tiny_scenes, tmp_path / "a", optimizer=optimizer)
     straight.fit()
 
@@ -170,7 +180,9 @@ def test_ctrl_c_mid_step_finishes_the_step_saves_and_resumes_exactly(tiny_scenes
         assert torch.equal(p, q)
 
 
-def test_second_ctrl_c_stops_at_once_and_resumes_from_the_periodic_checkpoint(tiny_scenes, tmp_path, monkeypatch):
+def test_second_ctrl_c_stops_at_once_and_resumes_from_the_periodic_checkpoint(
+    tiny_scenes, tmp_path, monkeypatch, terminal_sigint
+):
     straight = make_trainer(tiny_scenes, tmp_path / "a", grad_accum=2)
     straight.fit()
     interrupted = make_trainer(tiny_scenes, tmp_path / "b", grad_accum=2)
@@ -290,7 +302,9 @@ def test_cli_rejects_bad_arguments_with_a_message(tmp_path):
 
 def train_until_signalled(command, out, sig, after_step, env):
     """Start `command`, send it `sig` once metrics.jsonl shows step `after_step`; return its exit code."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the run starts with SIGINT handled as in a terminal, also where the tests run with it ignored (CI, nohup)
+    terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=terminal)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= after_step:
@@ -319,3 +333,14 @@ def test_cli_run_interrupted_twice_ends_as_the_uninterrupted_one(tiny_scenes, tm
     b, _ = VLM.load(out / "last")
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_ctrl_c_stays_ignored_where_the_run_was_started_to_ignore_it(tiny_scenes, tmp_path, monkeypatch):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `nohup` or a background job of a script
+    try:
+        trainer = make_trainer(tiny_scenes, tmp_path)
+        ctrl_c_during_step(monkeypatch, at_step=6)
+        trainer.fit()  # not interrupted
+        assert trainer.step == 12 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
