@@ -92,6 +92,7 @@ class TrainConfig:
     dtype: str = setting("auto", '"auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"')
     compile: str = setting("auto", '"auto" (on for CUDA, off on CPU), "on" or "off"')
     train: tuple[str, ...] = setting((), "components to train; empty = the stage's default")
+    init_from: str = setting("", "a saved captioner folder whose weights this run starts from (e.g. the text stage's)")
     init_vision: str = setting("", "a CLIP checkpoint folder whose ViT the captioner starts from; empty = random")
     first_caption_prob: float = setting(0.0, "chance of the dataset's first (canonical) caption; 0 = uniform")
     out: str = setting("runs/scenes", "where checkpoints and logs go")
@@ -102,10 +103,8 @@ class TrainConfig:
         unknown = set(self.train) - COMPONENTS
         if unknown:
             raise ValueError(f"train names unknown components {sorted(unknown)}; use {', '.join(sorted(COMPONENTS))}")
-        if self.init_vision and self.stage == "clip":
-            raise ValueError(
-                "init_vision starts a captioner's ViT from a CLIP checkpoint; the clip stage trains its own"
-            )
+        if (self.init_vision or self.init_from) and self.stage == "clip":
+            raise ValueError("init_vision and init_from start a captioner; stage clip trains a contrastive model")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -239,14 +238,14 @@ def _clip() -> RunConfig:
             stage="clip",
             max_steps=400,
             batch_size=256,
-            lr=5e-3,
+            lr=1e-3,
             min_lr=1e-4,
             warmup_steps=30,
             weight_decay=0.1,
             eval_every=100,
             eval_batches=4,
             first_caption_prob=1.0,
-            optimizer="muon",
+            optimizer="adamw",
             out="runs/clip",
         ),
     )

@@ -127,6 +127,8 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
     cfg.finalize(vocab_size=tokenizer.vocab_size)
     torch.manual_seed(cfg.train.seed)
     model = CLIP(cfg.model) if isinstance(cfg.model, CLIPConfig) else VLM(cfg.model)
+    if cfg.train.init_from:
+        start_from(model, cfg.train.init_from)
     if cfg.train.init_vision:
         start_vision_from(model, cfg.train.init_vision)
     trainer = Trainer(model, tokenizer, *make_loaders(cfg, tokenizer, splits, rank, world), cfg.train)
@@ -152,7 +154,8 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
         (out / "report.json").write_text(json.dumps(summary, indent=2))
         print(f"\nRetrieval, zero-shot classification and caption swaps on '{cfg.data.test_split}':")
         for name in ("retrieval", "zeroshot", "swaps"):
-            print(f"\n{format_clip_report(summary[name])}")
+            if name in summary:
+                print(f"\n{format_clip_report(summary[name])}")
         print(f"wall time {summary['wall_s']:.0f} s")
     elif report and rank == 0:
         best, _ = VLM.load(out / "best", device=str(trainer.device))
@@ -171,6 +174,14 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
         gc.collect()
         dist.destroy_process_group()
     return out
+
+
+def start_from(model: VLM, directory: str) -> None:
+    """Start from the weights of a saved captioner of the same shape, e.g. a decoder trained on text alone."""
+    saved, _ = VLM.load(directory)
+    if saved.cfg != model.cfg:
+        raise ValueError(f"--init-from {directory}: it holds a model of another configuration than this run's")
+    model.load_state_dict(saved.state_dict())
 
 
 def start_vision_from(model: VLM, directory: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nanovlm import scenes
@@ -133,3 +134,46 @@ def test_a_dataset_drawn_with_another_size_is_used_and_named(tiny_scenes, capsys
     splits = prepare_splits(DataConfig(root=str(tiny_scenes), image_size=32, n_train=60000))
     assert len(splits["train"]) == 128  # nothing redrawn: the tests' scenes are kept
     assert f"{tiny_scenes} holds 128 training scenes, not the 60000 asked for" in capsys.readouterr().err
+
+
+CLIP_FLAGS = (
+    "--image-size 32 --vocab-size 300 --max-text-len 40 --vit-patch-size 8 --vit-dim 32 --vit-n-layers 1 "
+    "--vit-n-heads 2 --text-dim 32 --text-n-layers 1 --text-n-heads 2 --clip-embed-dim 16 --batch-size 16 "
+    "--eval-batches 1 --log-every 1 --optimizer adamw"
+).split()
+
+
+@pytest.mark.slow
+def test_clip_preset_trains_reports_and_starts_a_captioners_vit(tiny_scenes, tmp_path):
+    result = cli("train", "--preset", "clip", "--data", tiny_scenes, "--out", tmp_path / "clip", "--max-steps", 4,
+                 "--eval-every", 2, *CLIP_FLAGS)  # fmt: skip
+    assert "text -> image" in result.stdout and "binding" in result.stdout and "color" in result.stdout
+    report = json.loads((tmp_path / "clip" / "report.json").read_text())
+    assert set(report) >= {"retrieval", "zeroshot", "swaps"}
+
+    from nanovlm.clip import CLIP
+    from nanovlm.pipeline import start_vision_from
+
+    clip, _ = CLIP.load(tmp_path / "clip" / "best")
+    # SMALL_MODEL's ViT settings are CLIP_FLAGS', so the captioner can start from the contrastive ViT
+    cli("train", "--data", tiny_scenes, "--out", tmp_path / "cap", "--max-steps", 1, "--eval-every", 1,
+        "--no-report", "--init-vision", tmp_path / "clip" / "best", *SMALL_MODEL)  # fmt: skip
+    model, _ = VLM.load(tmp_path / "cap" / "best")
+    assert model.cfg.vit == clip.cfg.vit
+    start_vision_from(model, str(tmp_path / "clip" / "best"))
+    for p, q in zip(model.vit.parameters(), clip.vit.parameters(), strict=True):
+        assert torch.equal(p, q)
+    wrong = cli("train", "--data", tiny_scenes, "--out", tmp_path / "bad", "--max-steps", 1, "--no-report",
+                "--init-vision", tmp_path / "clip" / "best", *SMALL_MODEL, "--vit-dim", 64, check=False)  # fmt: skip
+    errors = [line for line in wrong.stderr.splitlines() if line.startswith("error:")]
+    assert wrong.returncode == 2 and len(errors) == 1 and "--init-vision" in errors[0]
+    assert "Traceback" not in wrong.stderr
+
+
+@pytest.mark.slow
+def test_clip_preset_on_coco_layout_reports_retrieval_only(tmp_path):
+    write_tiny_coco(tmp_path / "coco")
+    result = cli("train", "--preset", "clip", "--data", tmp_path / "coco", "--out", tmp_path / "run", "--max-steps", 2,
+                 "--eval-every", 2, "--batch-size", 4, "--vocab-size", 300, "--image-size", 32, "--kind", "coco",
+                 "--train-split", "train2017", "--val-split", "val2017", "--test-split", "val2017")  # fmt: skip
+    assert "text -> image" in result.stdout and "binding" not in result.stdout
