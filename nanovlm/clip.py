@@ -32,12 +32,11 @@ The text encoder is nanovlm's decoder read as an encoder: its causal mask lets t
 as in CLIP. Its tied output head is never used.
 
 The model and its loss need only torch, vit.py and decoder.py, so the three files copy alone into another
-project; save/load also use safetensors and nanovlm's tokenizer, imported when called.
+project; save/load use nanovlm's checkpoint.py (the saved-folder format both model kinds share), imported when called.
 """
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,8 +54,6 @@ else:  # copied alone into a folder beside vit.py and decoder.py
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
-
-FILES = ("model.safetensors", "config.json", "tokenizer.tiktoken")  # what save() writes and load() reads
 
 
 @dataclass
@@ -220,7 +217,7 @@ class CLIP(nn.Module):
 
     def save(self, directory: str | Path, tokenizer: "Tokenizer") -> None:
         """Write model.safetensors, config.json and tokenizer.tiktoken into directory."""
-        from safetensors.torch import save_model
+        from .checkpoint import save_folder
 
         if tokenizer.vocab_size != self.cfg.text.vocab_size or tokenizer.eot != self.cfg.eot_id:
             raise ValueError(
@@ -228,35 +225,30 @@ class CLIP(nn.Module):
                 f"model's (vocab_size {self.cfg.text.vocab_size}, eot_id {self.cfg.eot_id}); save the one it was "
                 "trained with"
             )
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
-        tokenizer.save(directory / "tokenizer.tiktoken")
+        save_folder(self, self.cfg, tokenizer, directory)
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> tuple["CLIP", "Tokenizer"]:
         """Read a directory written by save(); no pickled code is executed, a damaged file is named."""
+        from .checkpoint import check_folder, first_line, read_weights
+
         directory = Path(directory)
-        for name in FILES:
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing; is {directory} a saved nanovlm CLIP model?")
+        check_folder(directory, "CLIP model")
         config = directory / "config.json"
         cfg = _read_config(config)
         try:
             model = cls(cfg)
         except (TypeError, ValueError) as e:  # a field of the wrong type fails only when the layers are built
-            raise ValueError(f"{config} describes no CLIP model that can be built: {_first_line(e)}") from e
-        _read_weights(model, directory / "model.safetensors", device)
+            raise ValueError(f"{config} describes no CLIP model that can be built: {first_line(e)}") from e
+        read_weights(model, directory / "model.safetensors", device)
         return model.to(device).eval(), _read_tokenizer(directory / "tokenizer.tiktoken", cfg)
 
 
 def _read_config(path: Path) -> CLIPConfig:
     """The CLIPConfig in a config.json written by CLIP.save; ValueError names the file if it is not one."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not JSON text ({_first_line(e)}); it is damaged: copy the model again") from e
+    from .checkpoint import first_line, read_json
+
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a nanovlm config: it must be a JSON object")
     if raw.get("kind") != "clip":
@@ -268,41 +260,14 @@ def _read_config(path: Path) -> CLIPConfig:
     try:
         return CLIPConfig(**raw)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid CLIP config: {_first_line(e)}") from e
-
-
-def _read_weights(model: CLIP, path: Path, device: str) -> None:
-    """Load model.safetensors into model, checking the file's header against the model first."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
-
-    try:
-        with safe_open(path, "pt") as f:  # reads the header only; fails on a cut, empty or foreign file
-            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a whole safetensors file ({e}); copy it again or train anew") from e
-    params = model.state_dict()
-    wrong = [name for name, shape in shapes.items() if name in params and list(params[name].shape) != shape]
-    if wrong:
-        name = wrong[0]
-        raise ValueError(
-            f"{path} does not fit its config.json: {name} is {shapes[name]} in the file but "
-            f"{list(params[name].shape)} in the model ({len(wrong)} tensors differ)"
-        )
-    missing, unexpected = load_model(model, str(path), strict=False, device=device)
-    if missing or unexpected:
-        keys = f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        raise ValueError(f"{path} does not fit its config.json: {keys}")
+        raise ValueError(f"{path} is not a valid CLIP config: {first_line(e)}") from e
 
 
 def _read_tokenizer(path: Path, cfg: CLIPConfig) -> "Tokenizer":
     """The tokenizer saved with a model, checked against the text encoder's vocabulary and eot_id."""
-    from .tokenizer import Tokenizer
+    from .checkpoint import read_tokenizer
 
-    try:
-        tokenizer = Tokenizer.load(path)
-    except ValueError as e:
-        raise ValueError(f"{e}; copy {path.parent} again") from e
+    tokenizer = read_tokenizer(path)
     if tokenizer.vocab_size != cfg.text.vocab_size or tokenizer.eot != cfg.eot_id:
         raise ValueError(
             f"{path} has {tokenizer.vocab_size} tokens with <|endoftext|> = {tokenizer.eot}, but config.json gives "
@@ -310,12 +275,6 @@ def _read_tokenizer(path: Path, cfg: CLIPConfig) -> "Tokenizer":
             f"belongs to another model; copy {path.parent} again"
         )
     return tokenizer
-
-
-def _first_line(error: Exception) -> str:
-    """An exception's message cut to its first line, so the error we raise stays one line."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -225,12 +225,11 @@ def _clip() -> RunConfig:
     # Stage 1: a contrastive image and text encoder on the scenes' canonical captions. Its ViT is the scenes
     # preset's, so that `--init-vision runs/clip/best` can start the captioner from it; a contrastive loss
     # learns more from a larger batch (more negatives per positive).
+    scenes = _scenes()
     return RunConfig(
-        data=DataConfig(
-            kind="scenes", root="data/scenes", image_size=64, vocab_size=512, max_text_len=52, n_train=40000
-        ),
+        data=scenes.data,
         model=CLIPConfig(
-            vit=ViTConfig(patch_size=4, dim=64, n_layers=2, n_heads=1),
+            vit=scenes.model.vit,
             text=DecoderConfig(dim=64, n_layers=2, n_heads=2),
             embed_dim=64,
         ),

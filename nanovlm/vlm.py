@@ -12,16 +12,14 @@ A trained model is saved as a directory: model.safetensors (weights, no pickled 
 tokenizer.tiktoken.
 """
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
 
+from .checkpoint import check_folder, first_line, read_json, read_tokenizer, read_weights, save_folder
 from .decoder import Decoder, DecoderConfig, KVCache
 from .projector import Projector, ProjectorConfig
 from .tokenizer import Tokenizer
@@ -130,35 +128,26 @@ class VLM(nn.Module):
 
     def save(self, directory: str | Path, tokenizer: Tokenizer) -> None:
         """Write model.safetensors, config.json and tokenizer.tiktoken into directory."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
-        tokenizer.save(directory / "tokenizer.tiktoken")
+        save_folder(self, self.cfg, tokenizer, directory)
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> tuple["VLM", Tokenizer]:
         """Read a directory written by save(); no pickled code is executed, a damaged file is named."""
         directory = Path(directory)
-        for name in ("model.safetensors", "config.json", "tokenizer.tiktoken"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing; is {directory} a saved nanovlm model?")
+        check_folder(directory, "model")
         config = directory / "config.json"
         cfg = _read_config(config)
         try:
             model = cls(cfg)
         except (TypeError, ValueError) as e:  # a field of the wrong type fails only when the layers are built
-            raise ValueError(f"{config} describes no model that can be built: {_first_line(e)}") from e
-        _read_weights(model, directory / "model.safetensors", device)
+            raise ValueError(f"{config} describes no model that can be built: {first_line(e)}") from e
+        read_weights(model, directory / "model.safetensors", device)
         return model.to(device).eval(), _read_tokenizer(directory / "tokenizer.tiktoken", cfg)
 
 
 def _read_config(path: Path) -> VLMConfig:
     """The VLMConfig in a config.json written by VLM.save; ValueError names the file if it is damaged."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not JSON text ({_first_line(e)}); it is damaged: copy the model again") from e
+    raw = read_json(path)
     if isinstance(raw, dict) and raw.get("kind") == "clip":  # what CLIP.save writes
         raise ValueError(
             f"{path} is a contrastive model (CLIP), not a captioner; load it with nanovlm.clip.CLIP.load, "
@@ -170,36 +159,12 @@ def _read_config(path: Path) -> VLMConfig:
     try:
         return VLMConfig(**raw)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid nanovlm config: {_first_line(e)}") from e
-
-
-def _read_weights(model: VLM, path: Path, device: str) -> None:
-    """Load model.safetensors into model, checking the file's header against the model first."""
-    try:
-        with safe_open(path, "pt") as f:  # reads the header only; fails on a cut, empty or foreign file
-            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a whole safetensors file ({e}); copy it again or train anew") from e
-    params = model.state_dict()
-    wrong = [name for name, shape in shapes.items() if name in params and list(params[name].shape) != shape]
-    if wrong:
-        name = wrong[0]
-        raise ValueError(
-            f"{path} does not fit its config.json: {name} is {shapes[name]} in the file but "
-            f"{list(params[name].shape)} in the model ({len(wrong)} tensors differ)"
-        )
-    missing, unexpected = load_model(model, str(path), strict=False, device=device)
-    if missing or unexpected:
-        keys = f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        raise ValueError(f"{path} does not fit its config.json: {keys}")
+        raise ValueError(f"{path} is not a valid nanovlm config: {first_line(e)}") from e
 
 
 def _read_tokenizer(path: Path, cfg: VLMConfig) -> Tokenizer:
     """The tokenizer saved with a model, checked against the model's vocabulary."""
-    try:
-        tokenizer = Tokenizer.load(path)
-    except ValueError as e:
-        raise ValueError(f"{e}; copy {path.parent} again") from e
+    tokenizer = read_tokenizer(path)
     if tokenizer.vocab_size != cfg.decoder.vocab_size:
         # a file cut at a line end still parses, and would fail only when the model emits an id it lost
         raise ValueError(
@@ -207,12 +172,6 @@ def _read_tokenizer(path: Path, cfg: VLMConfig) -> Tokenizer:
             f"{cfg.decoder.vocab_size}: the file is cut short or belongs to another model; copy {path.parent} again"
         )
     return tokenizer
-
-
-def _first_line(error: Exception) -> str:
-    """An exception's message cut to its first line, so the error we raise stays one line."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def sample_next(
