@@ -1,6 +1,6 @@
 """CLIP: a contrastive dual encoder that puts images and their captions at the same point of one space.
 
-    image (B, 3, H, W) -> ViT -> mean over patches -> image_proj -> normalise -> I (B, E)
+    image (B, 3, H, W) -> ViT -> max over patches -> image_proj -> normalise -> I (B, E)
     text  (B, T) ids   -> causal transformer -> hidden state at <|endoftext|> -> text_proj -> normalise -> T (B, E)
 
 Both vectors have length 1, so <I_i, T_j> is the cosine similarity of image i and caption j. In a batch of
@@ -61,6 +61,7 @@ class CLIPConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)  # the image encoder
     text: DecoderConfig = field(default_factory=DecoderConfig)  # the text encoder: a causal transformer over BPE tokens
     embed_dim: int = 64  # width of the shared image-text space
+    pool: str = "max"  # how the patch vectors become one image vector: "max" or "mean" (see encode_image)
     eot_id: int = 0  # id of <|endoftext|>: the text's vector is the hidden state at its first occurrence
     init_temperature: float = 0.07  # CLIP's initial softmax temperature
     max_logit_scale: float = 100.0  # CLIP clamps 1/temperature to at most 100
@@ -75,6 +76,8 @@ class CLIPConfig:
                 raise TypeError(f"CLIPConfig.{name} must be a {cls.__name__} or a dict of its fields, got {got}")
         if self.kind != "clip":
             raise ValueError(f"CLIPConfig kind must be 'clip', got {self.kind!r}")
+        if self.pool not in ("max", "mean"):
+            raise ValueError(f"CLIP pool must be 'max' or 'mean', got {self.pool!r}")
         if self.embed_dim < 1:
             raise ValueError(f"CLIP embed_dim must be at least 1, got {self.embed_dim}")
         if not 0 <= self.eot_id < self.text.vocab_size:
@@ -182,6 +185,10 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))  # log s
         self.apply(_init_weights)
 
+    def scale(self) -> torch.Tensor:
+        """s = 1 / temperature, as the loss uses it: exp(log_scale) clamped at max_logit_scale."""
+        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] -> (B, E) unit vectors."""
         size = self.cfg.vit.image_size
@@ -190,7 +197,10 @@ class CLIP(nn.Module):
                 f"CLIP's ViT takes images of {size}x{size} pixels, shape (B, 3, {size}, {size}); got shape "
                 f"{tuple(images.shape)}: resize them, or build the model with that vit.image_size"
             )
-        x = self.vit(images).mean(dim=1)  # (B, D_vit): every patch counts alike
+        patches = self.vit(images)  # (B, N, D_vit)
+        # max: each feature's strongest response, wherever it is; a small object covers a few patches of
+        # many, and a mean would dilute them in the background
+        x = patches.amax(dim=1) if self.cfg.pool == "max" else patches.mean(dim=1)  # (B, D_vit)
         return F.normalize(self.image_proj(x), dim=-1)  # (B, E)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ KS = (1, 5, 10)  # recall@K of retrieval
 
 # Zero-shot prompts, each a one-object caption in the dataset's own phrasing (canonical caption first, then
 # the captions' other templates). Every prompt names all three attributes, as every training caption does;
-# the ones a question leaves open are averaged over. A template with {where} is written with each of the
+# the ones a question leaves open are summed over. A template with {where} is written with each of the
 # nine places of the 3 x 3 grid.
 TEMPLATES = (
     "A {size} {color} {shape} {where}.",
@@ -164,9 +164,15 @@ def zero_shot(
 ) -> dict:
     """Colour, shape and size of the one-object scenes among the first `limit` images, read zero-shot.
 
-    Each value's class vector is CLIP's prompt ensemble: the mean of the unit vectors of every prompt
-    naming it (all values of the other two attributes, all templates and places), normalised again. The
-    prediction is the class nearest to the image. Confusion rows are the truth, columns the prediction.
+    Every prompt is a whole one-object caption (one colour, shape and size; every template and place), and
+    the model's softmax over all of them, at its own learned scale, says how likely each caption is. The
+    probability of a value is the sum over the prompts that name it: 'circle' is every circle caption
+    together, whatever its colour, size, template or place. The prediction is the likeliest value.
+
+    CLIP's own ensemble averages the unit vectors of a class's prompts into one class vector instead
+    (`class_vectors`); where the prompts vary three attributes at once, that average mixes captions the
+    image is near with captions it is far from, and reads shape and size worse (notebook 08 compares the
+    two). Confusion rows are the truth, columns the prediction.
     """
     records = _records(split, "zero-shot")[: _count(split, limit)]
     rows = [i for i, r in enumerate(records) if len(r["objects"]) == 1]
@@ -176,11 +182,13 @@ def zero_shot(
     written = prompts(classes, templates)
     text = embed_texts(model, tokenizer, [t for _, t in written])  # (P, E)
     image = embed_images(model, split.images[rows])  # (n, E)
+    with torch.no_grad():
+        p = (model.scale().float().cpu() * image @ text.T).softmax(dim=-1)  # (n, P): each prompt's probability
     result = {"task": "zeroshot", "n": len(rows), "n_prompts": len(written)}
     for attr in ATTRIBUTES:
-        members = [[k for k, (values, _) in enumerate(written) if values[attr] == v] for v in classes[attr]]
-        class_vectors = F.normalize(torch.stack([text[m].mean(0) for m in members]), dim=-1)  # (C, E)
-        predicted = (image @ class_vectors.T).argmax(dim=1).tolist()  # (n,)
+        names = [values[attr] for values, _ in written]
+        by_value = torch.stack([p[:, [k for k, v in enumerate(names) if v == c]].sum(1) for c in classes[attr]], 1)
+        predicted = by_value.argmax(dim=1).tolist()  # (n,): the value whose prompts hold the most probability
         truth = [classes[attr].index(records[i]["objects"][0][attr]) for i in rows]
         confusion = np.zeros((len(classes[attr]),) * 2, dtype=int)  # (C true, C predicted)
         np.add.at(confusion, (truth, predicted), 1)
@@ -191,6 +199,15 @@ def zero_shot(
             "confusion": confusion.tolist(),
         }
     return result
+
+
+def class_vectors(
+    text: torch.Tensor, written: Sequence[tuple[dict, str]], attr: str, values: Sequence[str]
+) -> torch.Tensor:
+    """CLIP's prompt ensemble: (C, E), per value of attr the mean of the unit vectors (P, E) of the prompts
+    naming it, normalised again; an image's class is the nearest row."""
+    members = [[k for k, (v, _) in enumerate(written) if v[attr] == value] for value in values]
+    return F.normalize(torch.stack([text[m].mean(0) for m in members]), dim=-1)
 
 
 # ----------------------------------------------------------------------------- swapped captions

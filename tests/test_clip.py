@@ -1,5 +1,6 @@
 """Behaviour of the contrastive dual encoder: the loss, its clamp and its gathering, encoding, save/load."""
 
+import dataclasses
 import datetime
 import math
 import os
@@ -248,3 +249,15 @@ def test_a_few_adamw_steps_lower_the_loss_on_a_fixed_batch(tokenizer):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_the_image_vector_pools_the_patch_vectors_by_max_or_mean(tokenizer):
+    images = torch.rand(3, 3, 16, 16)
+    for pool, reduce in (("max", lambda h: h.amax(dim=1)), ("mean", lambda h: h.mean(dim=1))):
+        torch.manual_seed(0)
+        model = CLIP(dataclasses.replace(tiny_config(tokenizer.eot), pool=pool)).eval()
+        with torch.no_grad():
+            expected = F.normalize(model.image_proj(reduce(model.vit(images))), dim=-1)
+            torch.testing.assert_close(model.encode_image(images), expected)
+    with pytest.raises(ValueError, match="pool must be 'max' or 'mean', got 'attention'"):
+        dataclasses.replace(tiny_config(tokenizer.eot), pool="attention")
