@@ -186,8 +186,7 @@ def zero_shot(
         p = (model.scale().float().cpu() * image @ text.T).softmax(dim=-1)  # (n, P): each prompt's probability
     result = {"task": "zeroshot", "n": len(rows), "n_prompts": len(written)}
     for attr in ATTRIBUTES:
-        names = [values[attr] for values, _ in written]
-        by_value = torch.stack([p[:, [k for k, v in enumerate(names) if v == c]].sum(1) for c in classes[attr]], 1)
+        by_value = torch.stack([p[:, m].sum(1) for m in _members(written, attr, classes[attr])], 1)  # (n, C)
         predicted = by_value.argmax(dim=1).tolist()  # (n,): the value whose prompts hold the most probability
         truth = [classes[attr].index(records[i]["objects"][0][attr]) for i in rows]
         confusion = np.zeros((len(classes[attr]),) * 2, dtype=int)  # (C true, C predicted)
@@ -206,8 +205,12 @@ def class_vectors(
 ) -> torch.Tensor:
     """CLIP's prompt ensemble: (C, E), per value of attr the mean of the unit vectors (P, E) of the prompts
     naming it, normalised again; an image's class is the nearest row."""
-    members = [[k for k, (v, _) in enumerate(written) if v[attr] == value] for value in values]
-    return F.normalize(torch.stack([text[m].mean(0) for m in members]), dim=-1)
+    return F.normalize(torch.stack([text[m].mean(0) for m in _members(written, attr, values)]), dim=-1)
+
+
+def _members(written: Sequence[tuple[dict, str]], attr: str, values: Sequence[str]) -> list[list[int]]:
+    """Per value of attr, the indices of the prompts that name it."""
+    return [[k for k, (v, _) in enumerate(written) if v[attr] == value] for value in values]
 
 
 # ----------------------------------------------------------------------------- swapped captions
