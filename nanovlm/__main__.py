@@ -1,4 +1,4 @@
-"""The command line: python -m nanovlm {train, caption, eval, data} ... (each has --help)."""
+"""The command line: python -m nanovlm {train, caption, ask, eval, data, bench, grade} ... (each has --help)."""
 
 import argparse
 import json
@@ -92,13 +92,16 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--ckpt", required=True, help="a saved model folder, e.g. runs/scenes/best")
     p.add_argument(
         "--task",
-        choices=("captions", "retrieval", "zeroshot", "swaps"),
+        choices=("captions", "vqa", "retrieval", "zeroshot", "swaps"),
         default="captions",
-        help="captions: a captioner's captions and answers; for a CLIP checkpoint: retrieval (recall@K), zeroshot "
-        "(colour/shape/size of one-object scenes), swaps (true caption vs colours or relation swapped)",
+        help="captions: a captioner's captions and answers; vqa: an instruction-tuned model's answers, by the "
+        "official VQA accuracy, against blind and answer-prior baselines; for a CLIP checkpoint: retrieval "
+        "(recall@K), zeroshot (colour/shape/size of one-object scenes), swaps (true caption vs colours or relation "
+        "swapped)",
     )
     p.add_argument("--data", default="data/scenes", help="dataset root (scenes or COCO layout)")
     p.add_argument("--split", default="val", help="split name, e.g. val, test, novel, val2017")
+    p.add_argument("--train-split", default="train", help="vqa: the split whose answers make the answer prior")
     p.add_argument("--limit", type=config.positive_int, default=None, help="score only the first N images")
     p.add_argument("--no-blind", action="store_true", help="skip the blind (no image) baseline")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -124,6 +127,8 @@ def cmd_eval(args) -> None:
 
     if args.query is not None and (args.task != "retrieval" or not args.sheet):
         raise ValueError("--query needs --task retrieval and --sheet PATH: its picture is written next to PATH")
+    if args.task == "vqa":
+        return _eval_vqa(args)
     if args.task != "captions":
         from .clip import CLIP
         from .clip_eval import TASKS, format_clip_report
@@ -166,10 +171,36 @@ def cmd_eval(args) -> None:
         print(score_table(summary))
 
 
+def _eval_vqa(args) -> None:
+    from .data import PackedSplit, prepare, read_questions
+    from .evaluate import format_vqa_report, json_summary, vqa_report
+    from .vlm import VLM
+
+    if args.sheet or args.query is not None or args.no_blind:
+        raise ValueError("--task vqa takes no --sheet, --query or --no-blind: it always reports the blind baseline")
+    model, tok = VLM.load(args.ckpt, device=args.device)
+    split = PackedSplit(prepare(args.data, args.split, model.cfg.vit.image_size))  # notes go to stderr
+    train_qa, _ = read_questions(Path(args.data), args.train_split)
+    if not train_qa:
+        raise ValueError(
+            f"{args.data} has no questions for --train-split {args.train_split!r}, whose answers make the answer prior"
+        )
+    report = vqa_report(model, tok, split, train_qa, limit=args.limit)
+    if args.json:
+        print(json.dumps(json_summary(report), indent=2, allow_nan=False))
+    else:
+        print(
+            f"VQA on {report['n_questions']} questions of '{args.split}' in {args.data} "
+            f"(blind: blank images; prior: the commonest '{args.train_split}' answer per question type)"
+        )
+        print(format_vqa_report(report))
+
+
 def add_data_parser(sub) -> None:
-    p = sub.add_parser("data", help="make the scenes dataset or fetch and prepare COCO")
-    p.add_argument("kind", choices=["scenes", "coco"])
-    p.add_argument("--root", default=None, help="dataset folder (default data/scenes or data/coco)")
+    p = sub.add_parser("data", help="make the scenes dataset, fetch and prepare COCO, or prepare VQA v2 data")
+    p.add_argument("kind", choices=["scenes", "coco", "vqa"])
+    p.add_argument("--root", default=None, help="dataset folder (default data/scenes, data/coco or data/vqa)")
+    p.add_argument("--splits", default=None, help="vqa: splits to prepare, e.g. train2014,val2014 (default: all)")
     p.add_argument(
         "--image-size", type=config.positive_int, default=None, help="pack images at this size (default: the preset's)"
     )
@@ -181,6 +212,8 @@ def add_data_parser(sub) -> None:
 def cmd_data(args) -> None:
     from .pipeline import prepare_splits
 
+    if args.kind == "vqa":
+        return _data_vqa(args)
     cfg = config.get_preset("scenes" if args.kind == "scenes" else "coco").data
     if args.root is not None and not args.root.strip():
         raise ValueError("--root '': name the dataset folder")
@@ -206,16 +239,47 @@ def cmd_data(args) -> None:
         print(f"{name}: {len(split)} images of {split.image_size}px in {split.dir}")
 
 
+def _data_vqa(args) -> None:
+    """Check and pack every split of a VQA v2 folder: one line per split with what it holds and skipped."""
+    from .data import PackedSplit, prepare
+    from .vqa import split_files
+
+    root = Path(args.root or config.get_preset("vqa").data.root)
+    image_size = args.image_size or config.get_preset("vqa").data.image_size
+    if args.splits:
+        splits = [s for s in args.splits.split(",") if s]
+    else:  # every image folder with a questions file
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        splits = [s for s in folders if s not in ("annotations", "prepared") and split_files(root, s)]
+    if not splits:
+        raise FileNotFoundError(
+            f"{root} has no split with a questions file (annotations/*SPLIT_questions.json beside a folder SPLIT/ "
+            "of images); see data/README.md"
+        )
+    for name in splits:
+        if split_files(root, name) is None:
+            raise FileNotFoundError(f"{root / 'annotations'} has no {name}_questions.json (--splits {args.splits})")
+        packed = PackedSplit(prepare(root, name, image_size))
+        manifest = json.loads((packed.dir / "manifest.json").read_text(encoding="utf-8"))
+        skipped = manifest["result"].get("skipped_questions", [])
+        answered = sum(q["answer"] is not None for q in packed.qa or [])
+        print(
+            f"{name}: {len(packed)} images of {packed.image_size}px, {len(packed.qa or [])} questions "
+            f"({answered} with answers), {len(skipped)} skipped (listed in {packed.dir / 'manifest.json'})"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanovlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import bench, grading
+    from . import bench, chat, grading
 
     parsers = (
         add_train_parser,
         add_caption_parser,
         add_eval_parser,
         add_data_parser,
+        chat.add_parser,
         bench.add_parser,
         grading.add_parser,
     )
@@ -227,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         "caption": cmd_caption,
         "eval": cmd_eval,
         "data": cmd_data,
+        "ask": chat.run,
         "bench": bench.run,
         "grade": grading.run,
     }

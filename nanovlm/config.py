@@ -36,7 +36,9 @@ def setting(default: Any, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    kind: str = setting("scenes", '"scenes" (generated here, no download) or "coco" (the official 2017 layout)')
+    kind: str = setting(
+        "scenes", '"scenes" (generated here, no download), "coco" (the official 2017 layout) or "vqa" (VQA v2 layout)'
+    )
     root: str = setting("data/scenes", "folder with annotations/ and the image folders")
     train_split: str = "train"
     val_split: str = "val"
@@ -47,8 +49,8 @@ class DataConfig:
     n_train: int = setting(40000, "scenes only: generated training images")
 
     def __post_init__(self) -> None:
-        if self.kind not in ("scenes", "coco"):
-            raise ValueError(f"data kind {self.kind!r} is unknown; use scenes or coco")
+        if self.kind not in ("scenes", "coco", "vqa"):
+            raise ValueError(f"data kind {self.kind!r} is unknown; use scenes, coco or vqa")
         for name in ("root", "train_split", "val_split", "test_split"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty; it names a folder of the dataset")
@@ -66,7 +68,7 @@ STAGES = {
     "text": ("text", ("decoder",)),
     "align": ("caption", ("projector",)),
     "full": ("caption", ("vit", "projector", "decoder")),
-    "instruct": ("qa", ("vit", "projector", "decoder")),
+    "instruct": ("chat", ("vit", "projector", "decoder")),
 }
 COMPONENTS = {"vit", "projector", "decoder", "text", "image_proj", "text_proj", "logit_scale"}
 
@@ -95,6 +97,7 @@ class TrainConfig:
     init_from: str = setting("", "a saved captioner folder whose weights this run starts from (e.g. the text stage's)")
     init_vision: str = setting("", "a CLIP checkpoint folder whose ViT the captioner starts from; empty = random")
     first_caption_prob: float = setting(0.0, "chance of the dataset's first (canonical) caption; 0 = uniform")
+    caption_prob: float = setting(0.5, "instruct stage: share of images shown with a caption, the rest with a chat")
     out: str = setting("runs/scenes", "where checkpoints and logs go")
 
     def __post_init__(self) -> None:
@@ -119,8 +122,9 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1) such as 0.9,0.98; got {self.betas}")
-        if not 0 <= self.first_caption_prob <= 1:
-            raise ValueError(f"first_caption_prob must be in [0, 1], got {self.first_caption_prob}")
+        for name in ("first_caption_prob", "caption_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.seed < 2**64:  # the range torch.manual_seed takes
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         for name, known in (("dtype", ("auto", "fp32", "bf16")), ("compile", ("auto", "on", "off"))):
@@ -250,6 +254,47 @@ def _clip() -> RunConfig:
     )
 
 
+def _instruct() -> RunConfig:
+    # Instruction tuning from the main job's captioner: every image is shown with its canonical caption or
+    # with a chat of its questions, so that the model learns to answer and keeps captioning. The runs behind
+    # the settings are in docs/experiments.md.
+    run = _scenes()
+    run.train = TrainConfig(
+        stage="instruct",
+        max_steps=800,
+        batch_size=64,
+        lr=5e-3,
+        min_lr=1e-4,
+        warmup_steps=20,
+        eval_every=200,
+        caption_prob=0.25,
+        first_caption_prob=1.0,
+        optimizer="muon",
+        init_from="runs/scenes/best",
+        out="runs/instruct",
+    )
+    return run
+
+
+def _vqa() -> RunConfig:
+    # Your own questions in the VQA v2 layout (data/README.md), on the scenes-sized model: at 64 px it trains on
+    # a laptop; a real VQA v2 run wants the coco preset's model and a GPU (--image-size 224 --vit-dim 384 ...).
+    run = _instruct()
+    run.data = DataConfig(
+        kind="vqa",
+        root="data/vqa",
+        train_split="train2014",
+        val_split="val2014",
+        test_split="val2014",
+        image_size=64,
+        vocab_size=2048,
+        max_text_len=52,
+    )
+    run.train.init_from = ""
+    run.train.out = "runs/vqa"
+    return run
+
+
 def _tiny() -> RunConfig:
     # What `python -m nanovlm bench` times by default: shaped like a real run, small enough for a CPU.
     return RunConfig(
@@ -287,7 +332,7 @@ def _coco() -> RunConfig:
     )
 
 
-PRESETS = {"scenes": _scenes, "clip": _clip, "tiny": _tiny, "coco": _coco}
+PRESETS = {"scenes": _scenes, "clip": _clip, "instruct": _instruct, "vqa": _vqa, "tiny": _tiny, "coco": _coco}
 
 
 def get_preset(name: str) -> RunConfig:

@@ -4,7 +4,9 @@ One loader serves both datasets, because the scenes generator writes the same la
 
     ROOT/annotations/captions_{split}.json   {"images": [{"id", "file_name", ...}],
                                               "annotations": [{"id", "image_id", "caption"}]}
-    ROOT/annotations/scenes_{split}.json     scenes only: ground-truth records and question/answer pairs
+    ROOT/annotations/scenes_{split}.json     scenes only: ground-truth records of every image
+    ROOT/annotations/*{split}_questions.json questions in the VQA v2 layout (vqa.py), optional, with
+    ROOT/annotations/*{split}_annotations.json  their human answers
     ROOT/{split}/{file_name}                 the image files
 
 Decoding JPEGs is far slower than training a tiny model on them, so `prepare` decodes every image once,
@@ -30,11 +32,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from . import vqa
 from .files import replace_dir
 
 MIN_SIDE = 8  # pixels; smaller images carry nothing to caption (and 1x1 files are usually broken)
 PAD_COLOR = (0, 0, 0)  # resize="pad" letterboxes with black bars
-PACKED_FORMAT_VERSION = 1  # bump when the packed layout changes, so old prepared folders are rebuilt
+PACKED_FORMAT_VERSION = 2  # bump when the packed layout changes, so old prepared folders are rebuilt
 
 
 def report(message: str) -> None:
@@ -250,7 +253,8 @@ def _manifest(root: Path, split: str, images: list[dict], image_size: int, resiz
         st = (root / split / im["file_name"]).stat()
         listing.update(f"{im['file_name']}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     files = {}
-    for name in (f"captions_{split}.json", f"scenes_{split}.json"):
+    questions = [p.name for p in vqa.split_files(root, split) or () if p is not None]
+    for name in (f"captions_{split}.json", f"scenes_{split}.json", *questions):
         p = root / "annotations" / name
         files[name] = [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
     return {
@@ -281,21 +285,19 @@ def _decode_all(jobs: list[tuple[str, int, str]], workers: int, desc: str):
 
 
 def _aligned_scenes(root: Path, split: str, image_ids: list) -> dict | None:
-    """Scene records in packed order and the QA pairs of packed images, or None without a scenes file."""
+    """Scene records in packed order, or None without a scenes file."""
     path = root / "annotations" / f"scenes_{split}.json"
     if not path.is_file():
         return None
     data = _read_json(path, "")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object with 'scenes' and 'qa' lists")
+        raise ValueError(f"{path}: expected an object with a 'scenes' list")
     scenes = _check_records(data.get("scenes", []), ("image_id", "objects"), path, "scenes")
-    qa = _check_records(data.get("qa", []), ("image_id", "question", "answer"), path, "qa")
     by_id = {s["image_id"]: s for s in scenes}
     missing = [i for i in image_ids if i not in by_id]
     if missing:
         raise ValueError(f"{path} has no scene record for image id {missing[0]!r} ({len(missing)} missing)")
-    kept = set(image_ids)
-    return {"scenes": [by_id[i] for i in image_ids], "qa": [q for q in qa if q["image_id"] in kept]}
+    return {"scenes": [by_id[i] for i in image_ids]}
 
 
 def _write_packed(tmp: Path, results, n: int, size: int) -> tuple[list[int], dict[str, str]]:
@@ -324,6 +326,41 @@ def _write_packed(tmp: Path, results, n: int, size: int) -> tuple[list[int], dic
     return kept, bad
 
 
+def read_questions(root: Path, split: str) -> tuple[list[dict] | None, list[str]]:
+    """A split's questions in the VQA v2 layout, or those of a scenes file that still holds them; None if none.
+
+    Each record gains "type", its question_type (the scenes' colour, shape, count, existence, relation).
+    Also returns one message per question skipped (vqa.read_vqa says which and why).
+    """
+    files = vqa.split_files(root, split)
+    if files is not None:
+        records, skipped = vqa.read_vqa(*files)
+        return [r | {"type": r["question_type"]} for r in records], skipped
+    scenes_file = root / "annotations" / f"scenes_{split}.json"
+    if scenes_file.is_file():  # the layout of datasets drawn before the scenes wrote VQA v2 files
+        data = _read_json(scenes_file, "")
+        if isinstance(data, dict) and "qa" in data:
+            qa = _check_records(data["qa"], ("image_id", "question", "answer", "type"), scenes_file, "qa")
+            return [q | {"question_type": q["type"]} for q in qa], []
+    return None, []
+
+
+def _images_and_captions(root: Path, split: str, qa: list[dict] | None) -> tuple[list[dict], dict[Any, list[str]]]:
+    """read_captions; or, for a VQA dataset without a captions file, the images its questions ask about.
+
+    Those are found by the id that ends their file names, as COCO names them.
+    """
+    if qa is None or (root / "annotations" / f"captions_{split}.json").is_file():
+        return read_captions(root, split)
+    asked = list(dict.fromkeys(q["image_id"] for q in qa))
+    names = vqa.image_files(root / split, asked)
+    if not names:
+        raise FileNotFoundError(f"none of the {len(asked)} images the questions ask about is under {root / split}")
+    if len(names) < len(asked):
+        report(f"{len(asked) - len(names)} of {len(asked)} images asked about are missing under {root / split}")
+    return [{"id": i, "file_name": names[i]} for i in asked if i in names], {i: [] for i in names}
+
+
 def prepare(
     root: str | Path,
     split: str,
@@ -345,16 +382,20 @@ def prepare(
     if image_size < MIN_SIDE:
         raise ValueError(f"image_size={image_size} is too small; use at least {MIN_SIDE}")
     out = root / "prepared" / f"{split}_{image_size}"
-    images, captions = read_captions(root, split)
+    qa, skipped_qa = read_questions(root, split)
+    images, captions = _images_and_captions(root, split, qa)
     manifest = _manifest(root, split, images, image_size, resize)
     if _is_up_to_date(out, manifest):
         report(f"{out} is up to date")
         return out
 
-    uncaptioned = [im for im in images if not captions[im["id"]]]
-    images = [im for im in images if captions[im["id"]]]
+    asked = {q["image_id"] for q in qa or ()}
+    uncaptioned = [im for im in images if not captions[im["id"]] and im["id"] not in asked]
+    images = [im for im in images if captions[im["id"]] or im["id"] in asked]
     if not images:
-        raise ValueError(f"no image of {root / split} has a caption; check {root}/annotations/captions_{split}.json")
+        raise ValueError(
+            f"no image of {root / split} has a caption or a question; check {root}/annotations/captions_{split}.json"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.*"):  # left by an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
@@ -381,8 +422,28 @@ def prepare(
         scenes = _aligned_scenes(root, split, ids)
         if scenes is not None:
             (tmp / "scenes.json").write_text(json.dumps(scenes, ensure_ascii=False))
-        reasons = Counter(bad.values()) + Counter({"no caption": len(uncaptioned)})
-        manifest["result"] = {"prepared": len(kept), "skipped": dict(bad), "no_caption": len(uncaptioned)}
+        if qa is not None:
+            packed = set(ids)
+            unseen = [q for q in qa if q["image_id"] not in packed]
+            for q in unseen:
+                skipped_qa.append(
+                    f"question {q.get('question_id', q['question'])!r}: its image {q['image_id']!r} is not packed "
+                    f"from {root / split}"
+                )
+            (tmp / "questions.json").write_text(
+                json.dumps([q for q in qa if q["image_id"] in packed], ensure_ascii=False)
+            )
+        for message in skipped_qa[:5]:
+            report(f"skipped {message}")
+        if len(skipped_qa) > 5:
+            report(f"... {len(skipped_qa) - 5} more questions skipped; all are listed in {out / 'manifest.json'}")
+        reasons = Counter(bad.values()) + Counter({"no caption": len(uncaptioned), "question": len(skipped_qa)})
+        manifest["result"] = {
+            "prepared": len(kept),
+            "skipped": dict(bad),
+            "no_caption": len(uncaptioned),
+            "skipped_questions": skipped_qa,
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         replace_dir(tmp, out)
     finally:
@@ -445,7 +506,13 @@ class PackedSplit:
         self.file_names: list[str] = index["file_names"]
         self.captions: list[list[str]] = index["captions"]
         self.scenes: list[dict] | None = scenes["scenes"] if scenes else None
-        self.qa: list[dict] | None = scenes["qa"] if scenes else None
+        questions = self.dir / "questions.json"
+        self.qa: list[dict] | None = None  # question/answer records (data.read_questions), None if none
+        if questions.is_file():
+            try:
+                self.qa = _check_questions(_read_json(questions, ""), questions, index)
+            except ValueError as e:
+                raise ValueError(f"{e}; delete {self.dir} to pack it again") from e
         self.row_of_id = {image_id: row for row, image_id in enumerate(self.image_ids)}
 
     def __len__(self) -> int:
@@ -493,18 +560,23 @@ def _open_images(path: Path, count: int) -> np.ndarray:
 
 
 def _check_scenes(scenes: Any, path: Path, index: dict) -> dict:
-    """A prepared scenes.json: one scene record per packed image, in order, and QA pairs of those images."""
+    """A prepared scenes.json: one scene record per packed image, in order."""
     if not isinstance(scenes, dict):
-        raise ValueError(f"{path}: expected an object with 'scenes' and 'qa' lists")
+        raise ValueError(f"{path}: expected an object with a 'scenes' list")
     records = _check_records(scenes.get("scenes"), ("image_id", "objects"), path, "scenes")
-    qa = _check_records(scenes.get("qa"), ("image_id", "question", "answer"), path, "qa")
     if [s["image_id"] for s in records] != index["image_ids"]:
         raise ValueError(f"{path} does not hold one scene per packed image, in the order of captions.json")
+    return scenes
+
+
+def _check_questions(qa: Any, path: Path, index: dict) -> list[dict]:
+    """A prepared questions.json: question/answer records about packed images."""
+    qa = _check_records(qa, ("image_id", "question", "answer"), path, "questions")
     known = set(index["image_ids"])
     stray = [q["image_id"] for q in qa if q["image_id"] not in known]
     if stray:
         raise ValueError(f"{path} has questions about image {stray[0]!r}, which is not packed")
-    return scenes
+    return qa
 
 
 # ----------------------------------------------------------------------------- batches

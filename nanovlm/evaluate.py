@@ -2,18 +2,21 @@
 
 - every split: BLEU-1..4 and CIDEr-D of the generated captions against the references;
 - scenes splits: grounded scores from the exact scene records (objects, hallucination, counting,
-  relations, attribute binding) and VQA accuracy by question type;
+  relations, attribute binding);
+- splits with questions (scenes, or VQA v2 files): VQA accuracy by question type and by answer type, and
+  the answer-prior baseline (the most common training answer of each question type);
 - the blind baseline: the same model with every image replaced by a blank one, so the numbers show how
   much the image contributes.
 """
 
 import math
+from collections import defaultdict
 
 import numpy as np
 import torch
 
-from . import metrics, scenes
-from .data import PackedSplit, to_tensor
+from . import metrics, scenes, vqa
+from .data import PackedSplit, report, to_tensor
 from .tokenizer import Tokenizer
 from .vlm import VLM
 
@@ -51,6 +54,13 @@ def answer_questions(
     model.eval()
     device = next(model.parameters()).device
     prompts = [[tokenizer.image, tokenizer.user, *tokenizer.encode(q["question"]), tokenizer.assistant] for q in qa]
+    too_long = [q for q, p in zip(qa, prompts, strict=True) if len(p) > _longest_prompt(model)]
+    if too_long:
+        q = too_long[0]
+        raise ValueError(
+            f"question {q.get('question_id', q['question'])!r} is {len(tokenizer.encode(q['question']))} tokens, "
+            f"longer than the model's context leaves for a question; {len(too_long)} such question(s)"
+        )
     answers = [""] * len(qa)
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -66,6 +76,89 @@ def answer_questions(
             for i, ids in zip(batch, model.generate(pixels, prompt, 8, eot=tokenizer.eot), strict=True):
                 answers[i] = tokenizer.decode(ids).strip()
     return answers
+
+
+def _longest_prompt(model: VLM) -> int:
+    """Text tokens a question prompt may take: the context less the image tokens and one answer token."""
+    return model.cfg.decoder.max_seq_len - model.cfg.n_image_tokens - 1
+
+
+def answered(model: VLM, tokenizer: Tokenizer, split: PackedSplit, n: int | None = None) -> tuple[list[dict], int]:
+    """The questions with answers about the first n images (all when None) that fit the model's context, and
+    how many did not fit: those are counted and the first is named on stderr, not scored."""
+    n = len(split) if n is None else n
+    qa = [q for q in split.qa or [] if q["answer"] is not None and split.row_of_id[q["image_id"]] < n]
+    fits = [len(tokenizer.encode(q["question"])) + 3 <= _longest_prompt(model) for q in qa]
+    if not all(fits):
+        q = qa[fits.index(False)]
+        report(
+            f"skipped {fits.count(False)} question(s) longer than the model's context, e.g. "
+            f"{q.get('question_id', q['question'])!r}: {q['question']!r}"
+        )
+    return [q for q, ok in zip(qa, fits, strict=True) if ok], fits.count(False)
+
+
+def score_answers(answers: list[str], qa: list[dict]) -> dict:
+    """VQA accuracy of answers to question records, overall, per question type and per answer type, with counts.
+
+    A record with human answers (the VQA v2 layout) is scored as the official evaluation scores it
+    (vqa.accuracy); one with a single answer by exact match after vqa.normalize. Keys: vqa_acc,
+    vqa_n, vqa_acc/TYPE and vqa_n/TYPE per question type, vqa_acc/answer:TYPE and vqa_n/answer:TYPE per
+    answer type.
+    """
+    if len(answers) != len(qa):
+        raise ValueError(f"got {len(answers)} answers for {len(qa)} questions; pass one per question")
+    hits = defaultdict(list)
+    for answer, q in zip(answers, qa, strict=True):
+        if q.get("answers"):
+            score = vqa.accuracy(answer, q["answers"])
+        else:
+            score = float(vqa.normalize(answer) == vqa.normalize(str(q["answer"])))
+        keys = ["", f"/{q.get('type')}"] if q.get("type") is not None else [""]
+        if q.get("answer_type") is not None:
+            keys.append(f"/answer:{q['answer_type']}")
+        for key in keys:
+            hits[key].append(score)
+    scores: dict = {}
+    for key in sorted(hits):
+        scores[f"vqa_acc{key}"] = sum(hits[key]) / len(hits[key])
+        scores[f"vqa_n{key}"] = len(hits[key])
+    return scores
+
+
+def vqa_report(
+    model: VLM, tokenizer: Tokenizer, split: PackedSplit, train_qa: list[dict], limit: int | None = None
+) -> dict:
+    """VQA accuracy of the model, of the same model shown blank images, and of the answer-prior baseline.
+
+    train_qa: the training questions, whose most common answer per question type is the prior's answer.
+    """
+    qa, too_long = answered(model, tokenizer, split, min(limit or len(split), len(split)))
+    if not qa:
+        raise ValueError(f"{split.dir} has no answered questions to score that fit the model's context")
+    prior = vqa.answer_prior([q for q in train_qa if q["answer"] is not None])
+    guesses = vqa.predict_prior(prior, qa)
+    return {
+        "n_questions": len(qa),
+        "skipped_too_long": too_long,
+        "model": score_answers(answer_questions(model, tokenizer, split, qa), qa),
+        "blind": score_answers(answer_questions(model, tokenizer, split, qa, blind=True), qa),
+        "prior": score_answers(guesses, qa),
+    }
+
+
+def format_vqa_report(report: dict) -> str:
+    """A vqa_report as a table: overall, per answer type, per question type; model, blind and prior."""
+    model = report["model"]
+    groups = [""] + sorted(k[len("vqa_acc") :] for k in model if k.startswith("vqa_acc/answer:"))
+    groups += sorted(k[len("vqa_acc") :] for k in model if k.startswith("vqa_acc/") and "answer:" not in k)
+    width = max(len(g) for g in groups) + 6
+    lines = [f"{'VQA accuracy':<{width}} {'model':>7} {'blind':>7} {'prior':>7} {'questions':>10}"]
+    for g in groups:
+        name = "all" if not g else g[1:].replace("answer:", "answer type ")
+        row = [report[k].get(f"vqa_acc{g}", math.nan) for k in ("model", "blind", "prior")]
+        lines.append(f"{name:<{width}} " + " ".join(f"{v:7.3f}" for v in row) + f" {model[f'vqa_n{g}']:>10d}")
+    return "\n".join(lines)
 
 
 def score_captions(captions: list[str], split: PackedSplit) -> dict:
@@ -96,7 +189,7 @@ def evaluate_split(
     if limit is not None and limit < 1:
         raise ValueError(f"limit {limit}: score at least 1 image, or pass None for the whole split")
     n = min(limit or len(split), len(split))
-    qa = [q for q in split.qa or [] if split.row_of_id[q["image_id"]] < n] if questions else []
+    qa, too_long = answered(model, tokenizer, split, n) if questions else ([], 0)
     result = {"n_images": n, "model": {}, "blind": {}}
     for key, blind in (("model", False), ("blind", True)):
         if blind and not blind_baseline:
@@ -104,8 +197,8 @@ def evaluate_split(
         captions = generate_captions(model, tokenizer, split.images[:n], blind=blind)
         scores = score_captions(captions, split)
         if qa:
-            answers = answer_questions(model, tokenizer, split, qa, blind=blind)
-            scores.update(metrics.vqa_accuracy(answers, [q["answer"] for q in qa], [q["type"] for q in qa]))
+            scores.update(score_answers(answer_questions(model, tokenizer, split, qa, blind=blind), qa))
+            scores["vqa_skipped_too_long"] = too_long
         result[key] = scores
         if key == "model":
             result["captions"] = captions

@@ -12,7 +12,7 @@ import torch
 
 from .data import PackedSplit
 
-TASKS = ("caption", "qa", "text")
+TASKS = ("caption", "qa", "chat", "text")
 
 
 def _pack_tokens(seqs: list[list[int]], width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,15 +31,19 @@ class Loader:
 
     An item is an image ("caption": one of its captions drawn at random, anew each epoch), a caption
     ("text": every caption once per epoch; the batch carries its image too, which the model ignores),
-    or a question/answer pair ("qa"). Epoch e visits the items in the order of a permutation drawn from
-    np.random.default_rng((seed, e)); the stream of all epochs is cut into global batches of
-    batch_size * world_size items that run across epoch boundaries (nothing is dropped), and rank r
-    gets the r-th slice. Batch k is therefore a pure function of (seed, k).
+    a question/answer pair ("qa"), or an image shown either with a caption or with a chat of several of
+    its questions ("chat": caption_prob is the chance of a caption, anew each epoch). Epoch e visits the
+    items in the order of a permutation drawn from np.random.default_rng((seed, e)); the stream of all
+    epochs is cut into global batches of batch_size * world_size items that run across epoch boundaries
+    (nothing is dropped), and rank r gets the r-th slice. Batch k is therefore a pure function of (seed, k).
 
-    Token layout: the sequence is <|image|> caption <|endoftext|> (or <|image|><|user|> question
-    <|assistant|> answer <|endoftext|>); input_ids are its first T tokens, targets the next T, with -100
-    on padding and on the question part. first_caption_prob, if set, is the chance of drawing caption 0
-    (scenes put the canonical caption first); the others share the rest evenly.
+    Token layout: the sequence is <|image|> caption <|endoftext|>, or <|image|> followed by turns
+    <|user|> question <|assistant|> answer <|endoftext|> (one for "qa", as many as fit for "chat", in an
+    order drawn anew each epoch); input_ids are its first T tokens, targets the next T, with -100 on
+    padding and on the questions: only captions, answers and the end tokens after them carry a loss.
+    Answers are encoded with a leading space (" red"), the form the caption vocabulary learned, so an
+    answer is the same token as the word in a caption. first_caption_prob, if set, is the chance of
+    drawing caption 0 (scenes put the canonical caption first); the others share the rest evenly.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class Loader:
         rank: int = 0,
         world_size: int = 1,
         first_caption_prob: float | None = None,
+        caption_prob: float = 0.5,
     ):
         if task not in TASKS:
             raise ValueError(f"task={task!r}; use one of {TASKS}")
@@ -63,15 +68,19 @@ class Loader:
             )
         if first_caption_prob is not None and not 0.0 <= first_caption_prob <= 1.0:
             raise ValueError(f"first_caption_prob={first_caption_prob} must be in [0, 1] (or None: uniform)")
-        self.split, self.task, self.seed = split, task, seed
+        self.split, self.task, self.seed, self.pad = split, task, seed, tokenizer.eot
         self.batch_size, self.max_len, self.rank, self.world_size = batch_size, max_len, rank, world_size
-        self.first_caption_prob = first_caption_prob
+        if not 0.0 <= caption_prob <= 1.0:
+            raise ValueError(f"caption_prob={caption_prob} must be in [0, 1]")
+        self.first_caption_prob, self.caption_prob = first_caption_prob, caption_prob
         self.step = 0
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if task == "qa":
             self._tokenize_qa(tokenizer)
         else:
             self._tokenize_captions(tokenizer)
+        if task == "chat":
+            self._tokenize_turns(tokenizer)
         self.n_items = len(self.item_rows)
         if self.n_items == 0:
             raise ValueError(f"{split.dir} has nothing to load for task={task!r}")
@@ -79,7 +88,7 @@ class Loader:
     def _tokenize_captions(self, tok) -> None:
         """One token row per caption: <|image|> caption <|endoftext|>."""
         counts = np.array([len(c) for c in self.split.captions], dtype=np.int64)
-        if (counts == 0).any():
+        if (counts == 0).any() and self.task != "chat":  # a chat shows an image without captions with questions
             raise ValueError(f"{self.split.dir}: image {self.split.image_ids[int(np.argmin(counts))]!r} has no caption")
         flat = [c for caps in self.split.captions for c in caps]
         seqs = [[tok.image, *ids, tok.eot] for ids in tok.encode_batch(flat)]
@@ -87,38 +96,77 @@ class Loader:
         self.prompt_lengths = np.ones(len(seqs), dtype=np.int64)  # just <|image|>
         self.first_caption = np.cumsum(counts) - counts  # token row of each image's caption 0
         self.caption_counts = counts
-        if self.task == "caption":  # items are images; their caption is drawn per epoch
+        if self.task in ("caption", "chat"):  # items are images; their caption is drawn per epoch
             self.item_rows = np.arange(len(counts))
         else:  # items are captions
             self.item_rows = np.repeat(np.arange(len(counts)), counts)
 
     def _tokenize_qa(self, tok) -> None:
         """One token row per QA pair: <|image|><|user|> question <|assistant|> answer <|endoftext|>."""
-        qa = self.split.qa
+        qa = [q for q in self.split.qa or [] if q["answer"] is not None]  # unanswered: for `ask`, not training
         if not qa:
-            raise ValueError(f"{self.split.dir} has no question/answer pairs (scenes_*.json); use task='caption'")
+            raise ValueError(f"{self.split.dir} has no answered questions; use task='caption'")
         questions = tok.encode_batch([q["question"] for q in qa])
-        answers = tok.encode_batch([str(q["answer"]) for q in qa])
+        answers = tok.encode_batch([" " + str(q["answer"]) for q in qa])
         seqs = [[tok.image, tok.user, *q, tok.assistant, *a, tok.eot] for q, a in zip(questions, answers, strict=True)]
         self.tokens, self.lengths = _pack_tokens(seqs, self.max_len + 1, tok.eot)
         self.prompt_lengths = np.array([3 + len(q) for q in questions], dtype=np.int64)
         self.item_rows = np.array([self.split.row_of_id[q["image_id"]] for q in qa], dtype=np.int64)
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(order of items, token row of each item) for one epoch; the last two epochs are cached."""
+    def _tokenize_turns(self, tok) -> None:
+        """Each question as one chat turn, <|user|> question <|assistant|> answer <|endoftext|>, by image."""
+        qa = [q for q in self.split.qa or [] if q["answer"] is not None]
+        if not qa:
+            raise ValueError(f"{self.split.dir} has no answered questions; use task='caption'")
+        rows = np.array([self.split.row_of_id[q["image_id"]] for q in qa], dtype=np.int64)
+        by_image = np.argsort(rows, kind="stable")  # the turns of image r are by_image[start[r]:start[r + 1]]
+        self.turn_start = np.searchsorted(rows[by_image], np.arange(len(self.split) + 1))
+        questions = tok.encode_batch([qa[i]["question"] for i in by_image])
+        answers = tok.encode_batch([" " + str(qa[i]["answer"]) for i in by_image])
+        pairs = zip(questions, answers, strict=True)
+        self.turns = [np.array([tok.user, *q, tok.assistant, *a, tok.eot]) for q, a in pairs]
+        # loss on the answer and its end token only: the question is the user's, not the model's to predict
+        self.turn_loss = [np.arange(len(t)) >= len(t) - len(a) - 1 for t, a in zip(self.turns, answers, strict=True)]
+        self.image_token = tok.image
+        idle = (self.caption_counts == 0) & (np.diff(self.turn_start) == 0)
+        if idle.any():
+            raise ValueError(
+                f"{self.split.dir}: image {self.split.image_ids[int(np.argmax(idle))]!r} has neither a caption nor "
+                "an answered question, so a chat has nothing to show with it"
+            )
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(order of items, token row of each item, chat or caption per item, sort key per chat turn) for one
+        epoch; the last two are None except for task "chat". The last two epochs are cached."""
         if epoch not in self._epochs:
             rng = np.random.default_rng((self.seed, epoch))
             order = rng.permutation(self.n_items)
-            if self.task == "caption":
-                self._epochs[epoch] = (
-                    order,
-                    self.first_caption + self._draw_captions(rng.random(self.n_items)),
-                )
+            chat = keys = None
+            if self.task in ("caption", "chat"):
+                rows = self.first_caption + self._draw_captions(rng.random(self.n_items))
             else:
-                self._epochs[epoch] = (order, np.arange(self.n_items))
+                rows = np.arange(self.n_items)
+            if self.task == "chat":  # drawn after the captions, so a chat run sees the caption run's captions
+                has_turns = np.diff(self.turn_start) > 0
+                chat = ((rng.random(self.n_items) >= self.caption_prob) | (self.caption_counts == 0)) & has_turns
+                keys = rng.random(len(self.turns))
+            self._epochs[epoch] = (order, rows, chat, keys)
             if len(self._epochs) > 2:  # forget the epoch computed longest ago
                 del self._epochs[next(iter(self._epochs))]
         return self._epochs[epoch]
+
+    def _chat(self, image_row: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, loss mask) of one chat about an image: its turns in key order, as many as fit in full."""
+        first, last = self.turn_start[image_row], self.turn_start[image_row + 1]
+        seq, loss = [np.array([self.image_token])], [np.zeros(1, dtype=bool)]
+        length = 1
+        for t in first + np.argsort(keys[first:last], kind="stable"):
+            if length + len(self.turns[t]) > self.max_len + 1 and length > 1:
+                break  # a turn cut short would teach a half answer; the first one is kept even if cut
+            seq.append(self.turns[t])
+            loss.append(self.turn_loss[t])
+            length += len(self.turns[t])
+        return np.concatenate(seq)[: self.max_len + 1], np.concatenate(loss)[: self.max_len + 1]
 
     def _draw_captions(self, u: np.ndarray) -> np.ndarray:
         """Caption index per image from uniforms u in [0, 1): uniform, or 0 with first_caption_prob."""
@@ -137,17 +185,28 @@ class Loader:
         epochs, offsets = np.divmod(np.arange(start, start + self.batch_size), self.n_items)
         token_rows = np.empty(self.batch_size, dtype=np.int64)
         image_rows = np.empty(self.batch_size, dtype=np.int64)
+        chats = []  # (batch index, image row, turn keys) of the items shown with a chat
         for epoch in np.unique(epochs):
-            order, rows = self._epoch(int(epoch))
+            order, rows, chat, keys = self._epoch(int(epoch))
             here = epochs == epoch
             items = order[offsets[here]]
             token_rows[here], image_rows[here] = rows[items], self.item_rows[items]
+            if chat is not None:
+                shown = zip(np.flatnonzero(here), items, strict=True)
+                chats += [(i, self.item_rows[item], keys) for i, item in shown if chat[item]]
 
-        seq = self.tokens[token_rows].astype(np.int64)  # (B, T+1)
-        positions = np.arange(self.max_len)  # target position t predicts seq[t + 1]
-        targets = seq[:, 1:].copy()  # (B, T)
-        length, prompt = self.lengths[token_rows, None], self.prompt_lengths[token_rows, None]  # (B, 1)
-        targets[(positions >= length - 1) | (positions < prompt - 1)] = -100  # padding | question part
+        listed = np.ones(self.batch_size, dtype=bool)  # rows whose tokens are a row of the table
+        listed[[i for i, _, _ in chats]] = False
+        seq = np.full((self.batch_size, self.max_len + 1), self.pad, dtype=np.int64)  # (B, T+1)
+        seq[listed] = self.tokens[token_rows[listed]]
+        positions = np.arange(self.max_len + 1)
+        length, prompt = self.lengths[token_rows[listed], None], self.prompt_lengths[token_rows[listed], None]
+        loss = np.zeros(seq.shape, dtype=bool)  # (B, T+1): the tokens the model must predict
+        loss[listed] = (positions < length) & (positions >= prompt)
+        for i, image_row, keys in chats:
+            tokens, mask = self._chat(image_row, keys)
+            seq[i, : len(tokens)], loss[i, : len(mask)] = tokens, mask
+        targets = np.where(loss[:, 1:], seq[:, 1:], -100)  # (B, T): position t predicts seq[t + 1]
         pixels = self.split.images[image_rows]  # (B, H, W, 3) uint8, read from the memory map
         # to_tensor's conversion, written in numpy because every training step waits on it: numpy transposes
         # and casts in one pass into a contiguous array, then divides in place, where torch takes separate passes
@@ -167,13 +226,16 @@ class Loader:
 
     def state_dict(self) -> dict:
         """Where the stream is, plus what must match for a resume to continue the same stream."""
-        return {
+        state = {
             "step": self.step,
             "seed": self.seed,
             "task": self.task,
             "n_items": self.n_items,
             "global_batch_size": self.batch_size * self.world_size,
         }
+        if self.task == "chat":
+            state["caption_prob"] = self.caption_prob
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at batch state["step"] of the same stream; refuse if the stream would differ."""

@@ -195,46 +195,6 @@ def caption_scores(candidates: Mapping[K, str], references: Mapping[K, Sequence[
 
 
 # ---------------------------------------------------------------------------------------------------------
-# VQA accuracy
-# ---------------------------------------------------------------------------------------------------------
-
-_ARTICLES = {"a", "an", "the"}
-# number words become digits; "none" means zero, as in the official VQA evaluation
-_NUMBER_WORDS = {
-    word: str(i) for i, word in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())
-} | {"none": "0"}
-
-
-def normalize_answer(answer: str) -> str:
-    """Lower-case, drop punctuation and articles, numbers as digits: "Two." -> "2", "the Red" -> "red"."""
-    words = [_NUMBER_WORDS.get(w, w) for w in normalize_caption(answer) if w not in _ARTICLES]
-    return " ".join(words)
-
-
-def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], types: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy after `normalize_answer`, overall and per question type, with counts.
-
-    Keys: vqa_acc, vqa_n, and vqa_acc/TYPE, vqa_n/TYPE for every question type.
-    """
-    if not len(predictions) == len(answers) == len(types):
-        raise ValueError(
-            f"vqa_accuracy: got {len(predictions)} predictions, {len(answers)} answers and "
-            f"{len(types)} types; pass one of each per question"
-        )
-    correct, total = Counter(), Counter()
-    for pred, answer, qtype in zip(predictions, answers, types, strict=True):
-        hit = normalize_answer(pred) == normalize_answer(answer)
-        for key in ("", f"/{qtype}"):
-            correct[key] += hit
-            total[key] += 1
-    scores: dict[str, float] = {}
-    for key in sorted(total):
-        scores[f"vqa_acc{key}"] = correct[key] / total[key]
-        scores[f"vqa_n{key}"] = total[key]
-    return scores
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Image <-> text retrieval
 # ---------------------------------------------------------------------------------------------------------
 

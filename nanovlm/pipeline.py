@@ -19,7 +19,7 @@ from . import scenes
 from .clip import CLIP, CLIPConfig
 from .config import DataConfig, RunConfig
 from .data import PackedSplit, prepare
-from .evaluate import evaluate_split, score_table
+from .evaluate import evaluate_split, format_vqa_report, score_table, vqa_report
 from .files import write_file_atomically
 from .loader import Loader
 from .tokenizer import SPLIT_PATTERN, Tokenizer
@@ -45,6 +45,11 @@ def prepare_splits(data: DataConfig) -> dict[str, PackedSplit]:
         else:
             cfg = scenes.SceneConfig(image_size=data.image_size, n_train=data.n_train)
         scenes.generate(root, cfg)
+    elif not (root / "annotations").is_dir() and data.kind == "vqa":
+        raise FileNotFoundError(
+            f"{root / 'annotations'} not found: put the VQA v2 questions and annotations there, the images in "
+            f"{root}/SPLIT/ (data/README.md shows the layout)"
+        )
     elif not (root / "annotations").is_dir():
         raise FileNotFoundError(
             f"{root / 'annotations'} not found: fetch COCO first with `python -m nanovlm data coco --root {root}` "
@@ -105,7 +110,7 @@ def make_loaders(run: RunConfig, tokenizer: Tokenizer, splits: dict[str, PackedS
         raise ValueError(f"--batch-size {t.batch_size} does not divide over {world} processes")
     task = "caption" if t.task == "contrastive" else t.task  # a contrastive model reads image-caption pairs too
     kwargs = dict(tokenizer=tokenizer, batch_size=t.batch_size // world, max_len=d.max_text_len, task=task)
-    kwargs.update(rank=rank, world_size=world)
+    kwargs.update(rank=rank, world_size=world, caption_prob=t.caption_prob)
     first = t.first_caption_prob or None
     train = Loader(splits[d.train_split], seed=t.seed, first_caption_prob=first, **kwargs)
     val = Loader(splits[d.val_split], seed=t.seed + 1, first_caption_prob=first, **kwargs)  # same caption mix
@@ -128,7 +133,7 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
     torch.manual_seed(cfg.train.seed)
     model = CLIP(cfg.model) if isinstance(cfg.model, CLIPConfig) else VLM(cfg.model)
     if cfg.train.init_from:
-        start_from(model, cfg.train.init_from)
+        start_from(model, cfg.train.init_from, tokenizer)
     if cfg.train.init_vision:
         start_vision_from(model, cfg.train.init_vision)
     trainer = Trainer(model, tokenizer, *make_loaders(cfg, tokenizer, splits, rank, world), cfg.train)
@@ -159,12 +164,15 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
         print(f"wall time {summary['wall_s']:.0f} s")
     elif report and rank == 0:
         best, _ = VLM.load(out / "best", device=str(trainer.device))
-        summary = evaluate_split(
-            best, tokenizer, splits[cfg.data.test_split], limit=1000, questions=cfg.train.stage == "instruct"
-        )
+        test = splits[cfg.data.test_split]
+        summary = {}
+        if any(test.captions):
+            summary = evaluate_split(best, tokenizer, test, limit=1000, questions=False)
+        if cfg.train.stage == "instruct":
+            summary["vqa"] = vqa_report(best, tokenizer, test, splits[cfg.data.train_split].qa or [], limit=1000)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         (out / "report.json").write_text(json.dumps(summary, indent=2))
-        print(format_report(summary, splits[cfg.data.test_split], cfg.data.test_split))
+        print(format_report(summary, test, cfg.data.test_split))
     if dist.is_initialized():
         # Tear down while the interpreter is whole: once every rank is done, free the DDP wrapper (it holds the
         # process group) before destroying the group. Left to interpreter exit, gloo's threads can abort the
@@ -176,11 +184,20 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
     return out
 
 
-def start_from(model: VLM, directory: str) -> None:
+def start_from(model: VLM, directory: str, tokenizer: Tokenizer | None = None) -> None:
     """Start from the weights of a saved captioner of the same shape, e.g. a decoder trained on text alone."""
-    saved, _ = VLM.load(directory)
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(
+            f"--init-from {directory}: no such folder; train the run it names first (runs/scenes/best is the main "
+            "job's: python -m nanovlm train)"
+        )
+    saved, saved_tokenizer = VLM.load(directory)
     if saved.cfg != model.cfg:
         raise ValueError(f"--init-from {directory}: it holds a model of another configuration than this run's")
+    if tokenizer is not None and saved_tokenizer.mergeable_ranks != tokenizer.mergeable_ranks:
+        raise ValueError(
+            f"--init-from {directory}: its tokenizer is not this dataset's; start from a run on the same data"
+        )
     model.load_state_dict(saved.state_dict())
 
 
@@ -220,23 +237,48 @@ TARGETS = [
     ("count_acc", "count accuracy on repeated objects", 0.90, True),
     ("relation_acc", "spatial relation accuracy", 0.80, True),
 ]
+# and those of instruction tuning on the scenes' questions (the captions keep the first two above)
+VQA_TARGETS = [("vqa_acc", "VQA accuracy, all questions", 0.95, True)] + [
+    (f"vqa_acc/{kind}", f"VQA accuracy, {kind} questions", 0.90, True)
+    for kind in ("colour", "shape", "count", "existence", "relation")
+]
+
+
+def _targets(scores: dict, targets: list[tuple[str, str, float, bool]]) -> list[str]:
+    """One line per target that applies: the value, the target, and whether it is met."""
+    lines = []
+    for key, label, target, higher in targets:
+        if key in scores:
+            value = scores[key]
+            met = value >= target if higher else value <= target
+            sign = ">=" if higher else "<="
+            lines.append(f"  {label:<38} {value:6.3f}  (target {sign} {target}: {'met' if met else 'MISSED'})")
+    return lines
 
 
 def format_report(summary: dict, split: PackedSplit, split_name: str, samples: int = 8) -> str:
     """Sample captions next to the truth, the targets met or missed, then every score vs the blind baseline."""
-    lines = [f"\nCaptions for held-out '{split_name}' images (model, then the truth):"]
-    for i in range(min(samples, summary["n_images"])):
-        lines.append(f"  {split.file_names[i]}  {summary['captions'][i]}")
-        lines.append(f"  {' ' * len(split.file_names[i])}  {split.captions[i][0]}")
-    model = summary["model"]
-    if "object_f1" in model:
-        lines.append(f"\nTargets on {summary['n_images']} '{split_name}' images:")
-        for key, label, target, higher in TARGETS:
-            value = model[key]
-            met = value >= target if higher else value <= target
-            sign = ">=" if higher else "<="
-            lines.append(f"  {label:<38} {value:6.3f}  (target {sign} {target}: {'met' if met else 'MISSED'})")
-    lines.append(f"\nAll scores (blind = the same model shown a blank image):\n{score_table(summary)}")
+    lines = []
+    if "captions" in summary:
+        lines.append(f"\nCaptions for held-out '{split_name}' images (model, then the truth):")
+        for i in range(min(samples, summary["n_images"])):
+            lines.append(f"  {split.file_names[i]}  {summary['captions'][i]}")
+            lines.append(f"  {' ' * len(split.file_names[i])}  {split.captions[i][0]}")
+    if "vqa" in summary:
+        vqa = summary["vqa"]
+        lines.append(f"\n{vqa['n_questions']} questions about held-out '{split_name}' images:")
+        lines.append(format_vqa_report(vqa))
+    model = summary.get("model", {})
+    if "object_f1" in model or "vqa" in summary:
+        lines.append(f"\nTargets on held-out '{split_name}' images:")
+        lines += _targets(model, TARGETS[:2] if "vqa" in summary else TARGETS)
+    if "vqa" in summary:
+        lines += _targets(summary["vqa"]["model"], VQA_TARGETS)
+        lines += _targets(
+            {"blind": summary["vqa"]["blind"]["vqa_acc"]}, [("blind", "blind model, all questions", 0.55, False)]
+        )
+    if model:
+        lines.append(f"\nAll caption scores (blind = the same model shown a blank image):\n{score_table(summary)}")
     lines.append(f"wall time {summary['wall_s']:.0f} s")
     return "\n".join(lines)
 

@@ -243,6 +243,20 @@ FILES = {
         {"json-list": json_list, "file-name-not-text": edited_json(lambda doc: doc["images"][0].update(file_name=7))},
     ),
     "annotations/scenes_val.json": ("data", prepare_val, {"json-list": json_list}),
+    "annotations/vqa_val_questions.json": (
+        "data",
+        prepare_val,
+        {"json-list": json_list, "id-repeated": edited_json(lambda doc: doc["questions"].append(doc["questions"][0]))},
+    ),
+    "annotations/vqa_val_annotations.json": (
+        "data",
+        prepare_val,
+        {
+            "json-list": json_list,
+            "answer-not-text": edited_json(lambda doc: doc["annotations"][0]["answers"][0].update(answer=3)),
+            "other-image": edited_json(lambda doc: doc["annotations"][0].update(image_id=-1)),
+        },
+    ),
     "prepared/val_32/images.npy": (
         "data",
         prepare_val,
@@ -277,7 +291,14 @@ FILES = {
         {
             "json-list": json_list,
             "scene-missing": edited_json(lambda doc: doc["scenes"].pop()),
-            "qa-of-unknown-image": edited_json(lambda doc: doc["qa"][0].update(image_id=-1)),
+        },
+    ),
+    "prepared/val_32/questions.json": (
+        "data",
+        open_val,
+        {
+            "json-object": lambda data, world: b'{"questions": []}',
+            "question-of-unknown-image": edited_json(lambda doc: doc[0].update(image_id=-1)),
         },
     ),
     IMAGE: ("data", open_image, {"json-text": lambda data, world: b'{"not": "an image"}'}),

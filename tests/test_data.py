@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm import data
+from nanovlm import data, vqa
 from nanovlm.data import BadImageError, PackedSplit, load_image, prepare, read_captions, to_rgb
 from nanovlm.loader import Loader, loader_benchmark
 from nanovlm.tokenizer import Tokenizer
@@ -362,13 +362,104 @@ def test_qa_loss_is_on_the_answer_and_eot_only(root, tok):
     qa = [{"image_id": i, "question": "what colour is the shape?", "answer": "red", "type": "color"} for i in (2, 4)]
     (root / "annotations" / f"scenes_{SPLIT}.json").write_text(json.dumps({"scenes": scenes, "qa": qa}))
     batch = Loader(PackedSplit(prepare(root, SPLIT, 16)), tok, batch_size=2, max_len=40, task="qa").batch(0)
-    question, answer = tok.encode("what colour is the shape?"), tok.encode("red")
+    question, answer = tok.encode("what colour is the shape?"), tok.encode(" red")  # answers follow a space
     prompt = [tok.image, tok.user, *question, tok.assistant]
     for ids, targets in zip(batch["input_ids"].tolist(), batch["targets"].tolist(), strict=True):
         assert ids[: len(prompt) + len(answer)] == prompt + answer
         kept = [t for t in targets if t != -100]
         assert kept == answer + [tok.eot]
         assert targets.index(answer[0]) == len(prompt) - 1  # the <|assistant|> position predicts the answer
+
+
+def vqa_records(pairs: list[tuple[int, str, str]]) -> list[dict]:
+    """VQA v2 records for (image_id, question, answer) triples, ten agreeing humans each."""
+    return [
+        {
+            "question_id": 1000 + k,
+            "image_id": image_id,
+            "question": question,
+            "answers": [answer] * 10,
+            "answer": answer,
+            "answer_type": "other",
+            "question_type": "colour",
+        }
+        for k, (image_id, question, answer) in enumerate(pairs)
+    ]
+
+
+ASKED = [(i, f"what colour is shape {i}?", c) for i in (1, 2, 3) for c in ("red", "blue")] + [(5, "what is it?", "a")]
+
+
+@pytest.fixture
+def chats(root):
+    """The root split with VQA v2 question and annotation files beside its captions."""
+    files = (
+        root / "annotations" / f"vqa_{SPLIT}_questions.json",
+        root / "annotations" / f"vqa_{SPLIT}_annotations.json",
+    )
+    vqa.write_vqa(vqa_records(ASKED), *files)
+    return PackedSplit(prepare(root, SPLIT, 16))
+
+
+def test_questions_in_the_vqa_layout_are_packed_with_their_images(chats):
+    assert [(q["image_id"], q["question"], q["answer"]) for q in chats.qa] == ASKED
+    assert all(q["type"] == "colour" and len(q["answers"]) == 10 for q in chats.qa)
+
+
+def test_chat_rows_hold_whole_turns_with_loss_on_answers_only(chats, tok):
+    loader = Loader(chats, tok, batch_size=6, max_len=30, task="chat", caption_prob=0.0)
+    turns = {tuple(tok.encode(q) + [tok.assistant] + tok.encode(" " + a) + [tok.eot]): a for _, q, a in ASKED}
+    for k in range(4):
+        batch = loader.batch(k)
+        for ids, targets in zip(batch["input_ids"].tolist(), batch["targets"].tolist(), strict=True):
+            row = ids + [targets[-1] if targets[-1] != -100 else tok.eot]
+            if row[1] != tok.user:  # an image without questions is shown with a caption
+                continue
+            assert row[0] == tok.image
+            cut = [i for i, t in enumerate(row) if t == tok.user] + [len(row)]
+            said = []
+            for start, end in zip(cut, cut[1:], strict=False):
+                turn = tuple(row[start + 1 : end])
+                turn = turn[: turn.index(tok.eot) + 1]  # padding after the last turn
+                assert turn in turns, "every turn is whole"
+                said += tok.encode(" " + turns[turn]) + [tok.eot]
+            assert [t for t in targets if t != -100] == said
+
+
+def test_chats_mix_captions_by_caption_prob_and_equal_captions_at_one(chats, tok):
+    captions = Loader(chats, tok, batch_size=4, max_len=30, task="caption", seed=2)
+    only_captions = Loader(chats, tok, batch_size=4, max_len=30, task="chat", seed=2, caption_prob=1.0)
+    for k in range(3):
+        for key, value in captions.batch(k).items():
+            assert torch.equal(only_captions.batch(k)[key], value)
+    mixed = Loader(chats, tok, batch_size=4, max_len=30, task="chat", seed=2, caption_prob=0.5)
+    starts = [int(mixed.batch(k)["input_ids"][i, 1]) for k in range(30) for i in range(4)]
+    assert 0.2 < starts.count(tok.user) / len(starts) < 0.8
+    assert mixed.state_dict()["caption_prob"] == 0.5
+    with pytest.raises(ValueError, match="caption_prob=0.5 but this loader has 1.0"):
+        only_captions.load_state_dict(mixed.state_dict())
+
+
+def test_vqa_data_without_captions_finds_images_by_id_and_names_what_it_skips(tmp_path, tok):
+    (tmp_path / "train").mkdir()
+    for image_id in (7, 42):
+        solid(COLORS[image_id % 6]).save(tmp_path / "train" / f"COCO_train2014_{image_id:012d}.jpg")
+    (tmp_path / "annotations").mkdir()
+    asked = [(7, "what colour?", "red"), (42, "what colour?", "blue"), (99, "is it there?", "no")]
+    files = (tmp_path / "annotations" / "v2_OpenEnded_mscoco_train2014_questions.json",)  # the official names
+    files += (tmp_path / "annotations" / "v2_mscoco_train2014_annotations.json",)
+    vqa.write_vqa(vqa_records(asked), *(p.with_name(p.name.replace("train2014", "train")) for p in files))
+    packed = PackedSplit(prepare(tmp_path, "train", 16))
+    assert packed.image_ids == [7, 42] and packed.captions == [[], []]
+    assert [q["image_id"] for q in packed.qa] == [7, 42]
+    manifest = json.loads((packed.dir / "manifest.json").read_text())
+    assert manifest["result"]["skipped_questions"] == [
+        f"question 1002: its image 99 is not packed from {tmp_path / 'train'}"
+    ]
+    batch = Loader(packed, tok, batch_size=2, max_len=20, task="chat").batch(0)
+    assert (batch["input_ids"][:, 1] == tok.user).all()  # no captions: every image is shown with a chat
+    with pytest.raises(ValueError, match="no caption"):
+        Loader(packed, tok, batch_size=2, max_len=20, task="caption")
 
 
 def test_batch_k_depends_only_on_seed_and_k_and_resumes_from_state(packed, tok):
@@ -424,3 +515,26 @@ def test_text_task_visits_every_caption_once_per_epoch(packed, tok):
 
 def test_loader_benchmark_reports_samples_per_second(packed, tok):
     assert loader_benchmark(packed, tok, batch_size=4, max_len=12, batches=3) > 0
+
+
+def test_data_vqa_cli_packs_each_split_and_says_what_it_skipped(tmp_path, capsys):
+    from nanovlm.__main__ import main
+
+    for split, ids in (("train2014", (1, 2)), ("val2014", (3,))):
+        (tmp_path / split).mkdir()
+        for image_id in ids:
+            solid(COLORS[image_id]).save(tmp_path / split / f"COCO_{split}_{image_id:012d}.jpg")
+        asked = [(i, "what colour?", "red") for i in ids] + [(40, "is it there?", "no")]  # image 40 is missing
+        folder = tmp_path / "annotations"
+        folder.mkdir(exist_ok=True)
+        records = [r | {"question_id": r["question_id"] + 100 * len(ids)} for r in vqa_records(asked)]
+        vqa.write_vqa(records, folder / f"v2_{split}_questions.json", folder / f"v2_{split}_annotations.json")
+    main(["data", "vqa", "--root", str(tmp_path), "--image-size", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["train2014", "val2014"]
+    assert "2 images of 16px, 2 questions (2 with answers), 1 skipped" in lines[0]
+    assert "1 images of 16px, 1 questions (1 with answers), 1 skipped" in lines[1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "vqa", "--root", str(tmp_path), "--splits", "test2015"])
+    assert exit_info.value.code == 2
+    assert "no test2015_questions.json" in capsys.readouterr().err

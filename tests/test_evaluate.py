@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
+from nanovlm import vqa
 from nanovlm.__main__ import main
 from nanovlm.config import DataConfig
-from nanovlm.data import PackedSplit
+from nanovlm.data import PackedSplit, read_questions
 from nanovlm.decoder import DecoderConfig
-from nanovlm.evaluate import evaluate_split, json_summary, score_captions, score_table
+from nanovlm.evaluate import answered, evaluate_split, json_summary, score_answers, score_captions, score_table
 from nanovlm.pipeline import load_tokenizer
 from nanovlm.projector import ProjectorConfig
 from nanovlm.vit import ViTConfig
@@ -49,7 +50,8 @@ def test_evaluate_split_scores_model_and_blind_baseline_on_the_same_keys(model, 
         assert scores["captions"] == 8
     assert set(summary["model"]) == set(summary["blind"])
     questions = [q for q in val.qa if val.row_of_id[q["image_id"]] < 8]
-    assert summary["model"]["vqa_n"] == len(questions)
+    # the fixture's model has a short context: the questions it cannot hold are counted, not scored
+    assert summary["model"]["vqa_n"] + summary["model"]["vqa_skipped_too_long"] == len(questions)
 
 
 def test_references_scored_as_captions_are_perfect(val):
@@ -106,3 +108,38 @@ def test_eval_cli_table_shows_every_score_of_the_model(saved_model, tiny_scenes,
     assert "Scores on 4 'val' images" in out
     shown = {line.split()[0] for line in out.splitlines()[2:]}
     assert GROUNDED | {"bleu4", "cider", "vqa_acc", "captions"} <= shown
+
+
+def test_score_answers_uses_the_official_accuracy_with_human_answers_and_exact_match_without():
+    humans = ["two"] * 2 + ["three"] * 8  # 2 of 10 people said two: 0.6 under the official accuracy
+    qa = [
+        {"question": "how many?", "answer": "three", "answers": humans, "type": "count", "answer_type": "number"},
+        {"question": "is it red?", "answer": "yes", "answers": ["yes"] * 10, "type": "colour", "answer_type": "yes/no"},
+        {"question": "what shape?", "answer": "circle", "type": "shape"},  # one exact answer, no people
+    ]
+    scores = score_answers(["2", "yes", "The circle."], qa)
+    assert scores["vqa_acc/count"] == pytest.approx(0.6)  # "2" is "two" after normalisation
+    assert scores["vqa_acc/colour"] == 1.0 and scores["vqa_acc/shape"] == 1.0
+    assert scores["vqa_acc"] == pytest.approx(2.6 / 3) and scores["vqa_n"] == 3
+    assert scores["vqa_acc/answer:number"] == pytest.approx(0.6) and scores["vqa_n/answer:yes/no"] == 1
+    with pytest.raises(ValueError, match="got 2 answers for 3 questions"):
+        score_answers(["a", "b"], qa)
+
+
+def test_eval_cli_vqa_reports_model_blind_and_the_answer_prior(saved_model, tiny_scenes, capsys):
+    args = ["eval", "--task", "vqa", "--ckpt", str(saved_model), "--data", str(tiny_scenes), "--split", "val"]
+    main([*args, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    val = PackedSplit(tiny_scenes / "prepared" / "val_32")
+    assert report["n_questions"] + report["skipped_too_long"] == len(val.qa)
+    model, tok = VLM.load(saved_model)
+    scored, _ = answered(model, tok, val)
+    prior = vqa.answer_prior(read_questions(tiny_scenes, "train")[0])
+    hits = [prior.get(q["question_type"], prior[None]) == q["answer"] for q in scored]
+    assert report["prior"]["vqa_acc"] == pytest.approx(sum(hits) / len(hits))
+    for who in ("model", "blind", "prior"):
+        assert 0 <= report[who]["vqa_acc"] <= 1 and report[who]["vqa_n"] == len(scored)
+    main(args)
+    table = capsys.readouterr().out
+    assert f"VQA on {len(scored)} questions of 'val'" in table
+    assert {"all", "count", "relation"} <= {line.split()[0] for line in table.splitlines()[2:]}

@@ -14,10 +14,8 @@ from nanovlm.metrics import (
     caption_scores,
     cider_d,
     grounded_scores,
-    normalize_answer,
     normalize_caption,
     retrieval_recall_at_k,
-    vqa_accuracy,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,35 +145,6 @@ def test_normalize_caption_equals_ptb_tokenizer_on_captions_without_clitics_or_h
 
     ptb = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(PLAIN_CAPTIONS)})
     assert [normalize_caption(c) for c in PLAIN_CAPTIONS] == [ptb[i][0].split() for i in range(4)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# VQA accuracy
-# ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("answer", "normalized"),
-    [("Two", "2"), ("2.", "2"), ("The Red.", "red"), ("an apple", "apple"), ("none", "0"), (" Yes! ", "yes")],
-)
-def test_normalize_answer(answer, normalized):
-    assert normalize_answer(answer) == normalized
-
-
-def test_vqa_accuracy_overall_and_per_type():
-    scores = vqa_accuracy(
-        predictions=["two", "red", "blue", "yes"],
-        answers=["2", "Red.", "green", "yes"],
-        types=["count", "color", "color", "exist"],
-    )
-    assert scores == {
-        "vqa_acc": 0.75, "vqa_n": 4,
-        "vqa_acc/color": 0.5, "vqa_n/color": 2,
-        "vqa_acc/count": 1.0, "vqa_n/count": 1,
-        "vqa_acc/exist": 1.0, "vqa_n/exist": 1,
-    }  # fmt: skip
-    with pytest.raises(ValueError, match="one of each"):
-        vqa_accuracy(["a"], ["a", "b"], ["color"])
 
 
 # ---------------------------------------------------------------------------------------------------------

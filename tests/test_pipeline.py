@@ -177,3 +177,44 @@ def test_clip_preset_on_coco_layout_reports_retrieval_only(tmp_path):
                  "--eval-every", 2, "--batch-size", 4, "--vocab-size", 300, "--image-size", 32, "--kind", "coco",
                  "--train-split", "train2017", "--val-split", "val2017", "--test-split", "val2017")  # fmt: skip
     assert "text -> image" in result.stdout and "binding" not in result.stdout
+
+
+def test_instruct_preset_answers_keeps_captioning_and_asks(tiny_scenes, tmp_path):
+    cap, inst = tmp_path / "cap", tmp_path / "inst"
+    cli("train", "--data", tiny_scenes, "--out", cap, "--max-steps", 2, "--eval-every", 2, "--batch-size", 8,
+        "--no-report", *SMALL_MODEL)  # fmt: skip
+    result = cli("train", "--preset", "instruct", "--data", tiny_scenes, "--out", inst, "--init-from", cap / "best",
+                 "--max-steps", 2, "--eval-every", 2, "--batch-size", 8, *SMALL_MODEL)  # fmt: skip
+    assert "VQA accuracy" in result.stdout and "answer type yes/no" in result.stdout
+    assert "VQA accuracy, relation questions" in result.stdout and "object F1" in result.stdout
+    report = json.loads((inst / "report.json").read_text())
+    assert set(report["vqa"]) >= {"model", "blind", "prior", "n_questions"} and "object_f1" in report["model"]
+    image = tmp_path / "scene.png"
+    Image.fromarray(PackedSplit(tiny_scenes / "prepared" / "test_32").images[0]).save(image)
+    # a tiny model's context is short: two short questions with short answers fit
+    asked = cli("ask", image, "what colour?", "how many?", "--max-new-tokens", 2, "--ckpt", inst / "best")
+    assert asked.stdout.count("Q: ") == 2 and asked.stdout.count("A: ") == 2
+    captioner = cli("ask", image, "what colour is it?", "--ckpt", cap / "best", check=False)
+    assert captioner.returncode == 2 and "captions only" in captioner.stderr
+    missing = cli("train", "--preset", "instruct", "--data", tiny_scenes, "--out", tmp_path / "x",
+                  "--init-from", tmp_path / "nowhere", *SMALL_MODEL, check=False)  # fmt: skip
+    assert missing.returncode == 2 and "--init-from" in missing.stderr and "no such folder" in missing.stderr
+
+
+@pytest.mark.slow
+def test_vqa_preset_trains_on_vqa_v2_data_without_captions(tiny_scenes, tmp_path):
+    root = tmp_path / "vqa"
+    (root / "annotations").mkdir(parents=True)
+    for split, official in (("train", "train2014"), ("val", "val2014")):
+        shutil.copytree(tiny_scenes / split, root / official)  # scenes name files by image id, as COCO does
+        for kind, prefix in (("questions", "v2_OpenEnded_mscoco_"), ("annotations", "v2_mscoco_")):
+            shutil.copy(tiny_scenes / "annotations" / f"vqa_{split}_{kind}.json",
+                        root / "annotations" / f"{prefix}{official}_{kind}.json")  # fmt: skip
+    packed = cli("data", "vqa", "--root", root, "--image-size", 32)
+    assert packed.stdout.startswith("train2014: 128 images of 32px") and "val2014: 32 images" in packed.stdout
+    result = cli("train", "--preset", "vqa", "--data", root, "--out", tmp_path / "run", "--max-steps", 2,
+                 "--eval-every", 2, "--batch-size", 8, *SMALL_MODEL)  # fmt: skip
+    assert "VQA accuracy" in result.stdout and "Captions for held-out" not in result.stdout
+    scored = cli("eval", "--task", "vqa", "--ckpt", tmp_path / "run" / "best", "--data", root, "--split", "val2014",
+                 "--train-split", "train2014", "--json")  # fmt: skip
+    assert json.loads(scored.stdout)["prior"]["vqa_n"] > 0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanovlm import scenes
+from nanovlm import scenes, vqa
 
 SMALL = scenes.SceneConfig(n_train=60, n_val=20, n_test=20, n_novel=20, seed=3)
 TEXT_ONLY = scenes.SceneConfig(n_train=1500, seed=5)  # for build_split: no pixels, so many scenes are cheap
@@ -135,10 +135,30 @@ def test_coco_captions_json_has_the_contract_layout(dataset):
     assert len(coco["annotations"]) == SMALL.captions_per_image * len(coco["images"])
     assert (dataset / "val" / coco["images"][0]["file_name"]).exists()
     data = json.loads((dataset / "annotations" / "scenes_val.json").read_text())
-    assert set(data) == {"scenes", "qa"}
+    assert set(data) == {"scenes"}
     assert set(data["scenes"][0]) == {"image_id", "objects"}
     assert set(data["scenes"][0]["objects"][0]) == {"shape", "color", "size", "cx", "cy", "bbox"}
-    assert set(data["qa"][0]) == {"image_id", "question", "answer", "type"}
+
+
+def test_questions_are_written_in_the_vqa_v2_layout(dataset):
+    questions = json.loads((dataset / "annotations" / "vqa_val_questions.json").read_text())
+    annotations = json.loads((dataset / "annotations" / "vqa_val_annotations.json").read_text())
+    assert set(questions["questions"][0]) == {"image_id", "question", "question_id"}
+    first = annotations["annotations"][0]
+    assert set(first) == {
+        "question_id",
+        "image_id",
+        "question_type",
+        "answer_type",
+        "multiple_choice_answer",
+        "answers",
+    }
+    assert [a["answer"] for a in first["answers"]] == [first["multiple_choice_answer"]] * 10
+    records, skipped = vqa.read_vqa(*vqa.split_files(dataset, "val"))
+    assert not skipped and len(records) == len(questions["questions"])
+    types = {(r["question_type"], r["answer_type"]) for r in records}
+    assert {("count", "number"), ("existence", "yes/no"), ("colour", "other"), ("relation", "yes/no")} <= types
+    assert len({r["question_id"] for r in records}) == len(records)
 
 
 def test_every_caption_parses_back_to_exactly_the_truth_and_its_relations_hold(sample):

@@ -1,5 +1,6 @@
-"""`generate`: the splits written to disk as PNG images, captions in the COCO captions layout, scene records
-with their questions, and a `done` marker that says which config and format version drew them."""
+"""`generate`: the splits written to disk as PNG images, captions in the COCO captions layout, scene records,
+questions in the VQA v2 layout (vqa.py), and a `done` marker that says which config and format version drew
+them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import vqa
 from ..files import write_file_atomically
 from .config import SceneConfig, check_config
 from .drawing import png_bytes, render
@@ -23,7 +25,7 @@ from .layout import sample_scene
 from .qa import questions
 
 SPLITS = ("train", "val", "test", "novel")  # image ids run on across the splits in this order
-SCENES_FORMAT_VERSION = 3  # bump when the output for a given config changes, so old datasets are regenerated
+SCENES_FORMAT_VERSION = 4  # bump when the output for a given config changes, so old datasets are regenerated
 
 
 def split_sizes(cfg: SceneConfig) -> dict[str, int]:
@@ -87,8 +89,34 @@ def _clear_split(root: Path, split: str) -> None:
     """Remove what an earlier (maybe interrupted or differently configured) run wrote for a split."""
     for png in (root / split).glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
         png.unlink()
-    for name in (f"captions_{split}.json", f"scenes_{split}.json"):
+    for name in (f"captions_{split}.json", f"scenes_{split}.json", *vqa_files(split)):
         (root / "annotations" / name).unlink(missing_ok=True)
+
+
+def vqa_files(split: str) -> tuple[str, str]:
+    """Names of a split's questions and annotations files, in the VQA v2 layout."""
+    return f"vqa_{split}_questions.json", f"vqa_{split}_annotations.json"
+
+
+def vqa_records(qa: list[dict]) -> list[dict]:
+    """Scene questions as VQA v2 records. The one exact answer stands in for all ten human answers, so the
+    official VQA accuracy of an answer is 1 when it is that answer and 0 otherwise."""
+    records, asked = [], {}
+    for q in qa:
+        k = asked[q["image_id"]] = asked.get(q["image_id"], -1) + 1
+        kind = "yes/no" if q["answer"] in ("yes", "no") else "number" if q["type"] == "count" else "other"
+        records.append(
+            {
+                "question_id": q["image_id"] * 10 + k,  # an image has at most six questions
+                "image_id": q["image_id"],
+                "question": q["question"],
+                "answers": [q["answer"]] * 10,
+                "answer": q["answer"],
+                "answer_type": kind,
+                "question_type": q["type"],
+            }
+        )
+    return records
 
 
 def _write_example(cfg: SceneConfig, split: str, folder: Path, image_id: int) -> tuple[dict, list[str], list[dict]]:
@@ -117,4 +145,5 @@ def _write_split(root: Path, cfg: SceneConfig, split: str, pool: multiprocessing
     coco = {"info": {"description": f"nanovlm scenes, split {split}"}, "licenses": [], "images": images}
     folder = root / "annotations"
     write_file_atomically(folder / f"captions_{split}.json", json.dumps({**coco, "annotations": annotations}))
-    write_file_atomically(folder / f"scenes_{split}.json", json.dumps({"scenes": scenes, "qa": qa}))
+    write_file_atomically(folder / f"scenes_{split}.json", json.dumps({"scenes": scenes}))
+    vqa.write_vqa(vqa_records(qa), *(folder / name for name in vqa_files(split)))
