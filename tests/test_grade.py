@@ -352,6 +352,37 @@ def test_command_line_reports_json_and_survives_files_that_are_not_notebooks(tmp
         grading.cli([])
 
 
+def test_a_class_is_graded_per_student_into_a_csv_and_feedback_files(tmp_path, capsys):
+    import csv
+    import shutil
+
+    subs = tmp_path / "submissions"
+    (subs / "alice" / "week1").mkdir(parents=True)
+    (subs / "bob" / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(NOTEBOOKS["clipped_precision"], subs / "alice" / "week1" / "07.ipynb")  # the solution
+    shutil.copy(RELEASE / NOTEBOOKS["clipped_precision"].name, subs / "bob" / "07.ipynb")  # not attempted
+    shutil.copy(NOTEBOOKS["clipped_precision"], subs / "bob" / ".ipynb_checkpoints" / "07.ipynb")  # Jupyter's copy
+    (subs / "carol").mkdir()
+    (subs / "carol" / "07.ipynb").write_text("{not json")
+    table, feedback = tmp_path / "grades.csv", tmp_path / "feedback"
+    grading.cli([str(subs), "--csv", str(table), "--feedback", str(feedback), "--jobs", "2"])
+    out = capsys.readouterr().out
+    assert "per student:" in out and f"total: {POINTS}/{2 * POINTS} over 2 exercise(s) in 3 notebook(s)" in out
+    rows = list(csv.DictReader(table.open()))
+    assert [(r["student"], r["exercise"], r["score"]) for r in rows] == [
+        ("alice", "7", str(POINTS)),
+        ("bob", "7", "0"),
+        ("carol", "", "0"),
+    ]
+    assert rows[1]["problem"].startswith("not attempted") and "not a readable notebook" in rows[2]["problem"]
+    assert sorted(p.name for p in feedback.iterdir()) == ["alice.txt", "bob.txt", "carol.txt"]
+    assert (
+        "Feedback for bob" in (feedback / "bob.txt").read_text() and "alice" not in (feedback / "bob.txt").read_text()
+    )
+    with pytest.raises(FileNotFoundError, match="nobody"):
+        grading.cli([str(tmp_path / "nobody")])
+
+
 # ----------------------------------------------------------------------------- student versions
 
 

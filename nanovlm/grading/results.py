@@ -1,7 +1,15 @@
-"""Grades and their reports: the parts of one exercise, one exercise's result, one notebook's results."""
+"""Grades and their reports: the parts of one exercise, one exercise's result, one notebook's results, and
+for a class, one CSV row per student and exercise and one feedback file per student."""
 
+import csv
+import io
+import re
 import textwrap
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..files import write_file_atomically
 
 POINTS = 10  # every exercise is worth the same
 
@@ -40,6 +48,7 @@ class NotebookGrade:
     path: str
     results: list[Result]
     error: str | None = None
+    student: str = ""  # who submitted it: the folder it was found in (sandbox.find_notebooks)
 
     @property
     def score(self) -> int:
@@ -92,10 +101,61 @@ def format_grades(grades: list[NotebookGrade]) -> str:
             lines.append(f"    {grade.error}")
         lines += [textwrap.indent(format_result(r), "  ") for r in grade.results]
         blocks.append("\n".join(lines))
-    score, points = sum(g.score for g in grades), sum(g.points for g in grades)
+    by_student = _by_student(grades)
+    if len(by_student) > 1:
+        width = max(map(len, by_student))
+        rows = [f"  {name:<{width}}  {_score(own)}" for name, own in by_student.items()]
+        blocks.append("per student:\n" + "\n".join(rows))
     n = sum(len(g.results) for g in grades)
-    blocks.append(f"total: {score}/{points} over {n} exercise(s) in {len(grades)} notebook(s)")
+    blocks.append(f"total: {_score(grades)} over {n} exercise(s) in {len(grades)} notebook(s)")
     return "\n\n".join(blocks)
+
+
+def _score(grades: list[NotebookGrade]) -> str:
+    return f"{sum(g.score for g in grades)}/{sum(g.points for g in grades)}"
+
+
+def _by_student(grades: list[NotebookGrade]) -> dict[str, list[NotebookGrade]]:
+    out: dict[str, list[NotebookGrade]] = defaultdict(list)
+    for g in grades:
+        out[g.student].append(g)
+    return dict(sorted(out.items()))
+
+
+def _problem(result: Result) -> str:
+    """What cost points, in one line: why nothing was graded, or the first part that failed."""
+    if result.error:
+        return result.error
+    failed = [p for p in result.parts if p.earned < p.points]
+    return f"{failed[0].name}: {failed[0].message}" if failed else ""
+
+
+def grades_csv(grades: list[NotebookGrade]) -> str:
+    """One row per student and exercise (a notebook with no exercise gets one row saying why), sorted."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["student", "notebook", "exercise", "name", "score", "points", "problem"])
+    rows = []
+    for g in grades:
+        if not g.results:
+            rows.append([g.student, g.path, "", "", 0, 0, g.error or "no exercise found"])
+        for r in g.results:
+            rows.append([g.student, g.path, r.number, r.exercise, r.score, r.points, _problem(r)])
+    writer.writerows(sorted(rows, key=lambda row: (row[0], str(row[2]), row[1])))
+    return out.getvalue()
+
+
+def write_feedback(grades: list[NotebookGrade], folder: str | Path) -> list[Path]:
+    """One text file per student in folder (STUDENT.txt): the report of their notebooks; returns the files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for student, own in _by_student(grades).items():
+        name = re.sub(r"[^\w.-]", "_", student) or "_"  # a student's folder name, safe as a file name
+        path = folder / f"{name}.txt"
+        write_file_atomically(path, f"Feedback for {student}\n\n{format_grades(own)}\n")
+        written.append(path)
+    return written
 
 
 def grades_json(grades: list[NotebookGrade]) -> dict:
@@ -104,6 +164,7 @@ def grades_json(grades: list[NotebookGrade]) -> dict:
         "notebooks": [
             {
                 "path": g.path,
+                "student": g.student,
                 "score": g.score,
                 "points": g.points,
                 "error": g.error,

@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +140,41 @@ def grade_notebook(path: str | Path, timeout: float = 30.0, isolate: bool = True
     return NotebookGrade(str(path), results)
 
 
-def grade_notebooks(paths: list[str | Path], timeout: float = 30.0, isolate: bool = True) -> list[NotebookGrade]:
-    """Grade notebooks; a folder stands for the .ipynb files in it."""
-    files: list[Path] = []
+def find_notebooks(paths: list[str | Path]) -> list[tuple[Path, str]]:
+    """(notebook, student) for each path: a file stands for itself, a folder for every .ipynb under it.
+
+    The student is the first folder below the one named (submissions/alice/week1/x.ipynb: alice), or, for
+    a notebook directly in it or named on its own, the folder that holds it. Jupyter's checkpoint copies
+    (.ipynb_checkpoints) are not submissions and are skipped.
+    """
+    found: list[tuple[Path, str]] = []
     for path in map(Path, paths):
-        files += sorted(path.glob("*.ipynb")) if path.is_dir() else [path]
-    return [grade_notebook(f, timeout, isolate) for f in files]
+        if not path.is_dir():
+            found.append((path, path.parent.resolve().name))
+            continue
+        for nb in sorted(path.rglob("*.ipynb")):
+            inside = nb.relative_to(path).parts
+            if ".ipynb_checkpoints" not in inside:
+                found.append((nb, inside[0] if len(inside) > 1 else path.resolve().name))
+    return found
+
+
+def grade_notebooks(
+    paths: list[str | Path], timeout: float = 30.0, isolate: bool = True, jobs: int = 1
+) -> list[NotebookGrade]:
+    """Grade notebooks (folders: every notebook under them), `jobs` notebooks at a time, in the order found.
+
+    Each grade records its student (see find_notebooks). The notebooks run in parallel threads that each
+    wait on their own grading process, so `jobs` is how many students' code runs at once.
+    """
+    found = find_notebooks(paths)
+
+    def grade(item: tuple[Path, str]) -> NotebookGrade:
+        result = grade_notebook(item[0], timeout, isolate)
+        result.student = item[1]
+        return result
+
+    if jobs <= 1:
+        return [grade(item) for item in found]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(grade, found))
