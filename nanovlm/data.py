@@ -382,12 +382,17 @@ def prepare(
     if image_size < MIN_SIDE:
         raise ValueError(f"image_size={image_size} is too small; use at least {MIN_SIDE}")
     out = root / "prepared" / f"{split}_{image_size}"
-    qa, skipped_qa = read_questions(root, split)
+    # with a captions file the questions are only read when there is packing to do: parsing them is most of
+    # the time an up-to-date check would take
+    captioned = (root / "annotations" / f"captions_{split}.json").is_file()
+    qa, skipped_qa = (None, []) if captioned else read_questions(root, split)
     images, captions = _images_and_captions(root, split, qa)
     manifest = _manifest(root, split, images, image_size, resize)
     if _is_up_to_date(out, manifest):
         report(f"{out} is up to date")
         return out
+    if captioned:
+        qa, skipped_qa = read_questions(root, split)
 
     asked = {q["image_id"] for q in qa or ()}
     uncaptioned = [im for im in images if not captions[im["id"]] and im["id"] not in asked]
