@@ -26,6 +26,11 @@ def _pack_tokens(seqs: list[list[int]], width: int, pad: int) -> tuple[np.ndarra
     return table, lengths
 
 
+def _encode_pairs(tok, qa: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the questions and of the answers, each answer after a space (" red"), as a caption word."""
+    return tok.encode_batch([q["question"] for q in qa]), tok.encode_batch([" " + str(q["answer"]) for q in qa])
+
+
 class Loader:
     """Deterministic, resumable batches from a PackedSplit, forever (epoch after epoch).
 
@@ -106,8 +111,7 @@ class Loader:
         qa = [q for q in self.split.qa or [] if q["answer"] is not None]  # unanswered: for `ask`, not training
         if not qa:
             raise ValueError(f"{self.split.dir} has no answered questions; use task='caption'")
-        questions = tok.encode_batch([q["question"] for q in qa])
-        answers = tok.encode_batch([" " + str(q["answer"]) for q in qa])
+        questions, answers = _encode_pairs(tok, qa)
         seqs = [[tok.image, tok.user, *q, tok.assistant, *a, tok.eot] for q, a in zip(questions, answers, strict=True)]
         self.tokens, self.lengths = _pack_tokens(seqs, self.max_len + 1, tok.eot)
         self.prompt_lengths = np.array([3 + len(q) for q in questions], dtype=np.int64)
@@ -121,8 +125,7 @@ class Loader:
         rows = np.array([self.split.row_of_id[q["image_id"]] for q in qa], dtype=np.int64)
         by_image = np.argsort(rows, kind="stable")  # the turns of image r are by_image[start[r]:start[r + 1]]
         self.turn_start = np.searchsorted(rows[by_image], np.arange(len(self.split) + 1))
-        questions = tok.encode_batch([qa[i]["question"] for i in by_image])
-        answers = tok.encode_batch([" " + str(qa[i]["answer"]) for i in by_image])
+        questions, answers = _encode_pairs(tok, [qa[i] for i in by_image])
         pairs = zip(questions, answers, strict=True)
         self.turns = [np.array([tok.user, *q, tok.assistant, *a, tok.eot]) for q, a in pairs]
         # loss on the answer and its end token only: the question is the user's, not the model's to predict
