@@ -30,12 +30,22 @@ from contextlib import nullcontext, redirect_stdout
 
 import torch
 
-from .config import PRESETS, RunConfig, device_or_auto, get_preset, nonnegative_int, positive_int, positive_ints
+from .config import (
+    PRESETS,
+    RunConfig,
+    apply_overrides,
+    device_or_auto,
+    get_preset,
+    nonnegative_int,
+    positive_int,
+    positive_ints,
+)
+from .cross_attention import n_cross_layers
 from .data import PackedSplit
 from .loader import Loader, loader_benchmark
 from .tokenizer import Tokenizer
 from .trainer import Trainer, resolve_device
-from .vlm import VLM, VLMConfig
+from .vlm import FUSIONS, VLM, VLMConfig
 
 NEVER = -1  # an end-of-text id that argmax never returns, so generation runs to max_new_tokens
 
@@ -55,6 +65,9 @@ def model_flops_per_sample(cfg: VLMConfig, text_len: int) -> int:
     - attention: Q K^T and A V are 2 x S^2 x d each per layer forward, so 12 x n_layers x S^2 x d forward
       + backward per sequence, for the ViT (S = N patches) and the decoder (S = N_img + T) separately.
       The causal decoder is counted over the whole S x S square, as PaLM's MFU does.
+    Early fusion has no ViT and its projector reads raw patches. Cross fusion has no projector and no image
+    positions in the decoder (S = T); its resampler's L latents read the N patches (queries on L, keys and
+    values on N + L), and each gated layer's T text queries read the L latents (keys and values on L).
     Not counted: layer norms, GELU, softmax, embedding look-ups, cross-entropy and the optimizer
     update (AdamW is elementwise; Muon's Newton-Schulz products act on the weights, once per step, not per
     sample), nor that the images need no input gradient. The count assumes every
@@ -68,9 +81,22 @@ def model_flops_per_sample(cfg: VLMConfig, text_len: int) -> int:
     proj_weights = proj.in_dim * proj.pixel_shuffle**2 * hidden + hidden * proj.out_dim
     dec_weights = dec.n_layers * _block_weights(dec.dim, dec.mlp_ratio)
     head_weights = dec.dim * dec.vocab_size
-    matmuls = 6 * (n_patches * vit_weights + n_img * proj_weights + seq * dec_weights + text_len * head_weights)
-    attention = 12 * (vit.n_layers * n_patches**2 * vit.dim + dec.n_layers * seq**2 * dec.dim)
-    return matmuls + attention
+    matmuls = seq * dec_weights + text_len * head_weights  # weights x tokens, forward multiply-adds
+    attention = dec.n_layers * seq**2 * dec.dim
+    if cfg.fusion != "early":
+        matmuls += n_patches * vit_weights
+        attention += vit.n_layers * n_patches**2 * vit.dim
+    if cfg.fusion != "cross":
+        matmuls += n_img * proj_weights
+    else:
+        x = cfg.cross
+        d, L, mlp = x.dim, x.n_latents, 2 * x.mlp_ratio * x.dim * x.dim
+        n_x = n_cross_layers(dec.n_layers, x.every)
+        matmuls += n_patches * x.vision_dim * d  # into the latents' width
+        matmuls += x.resampler_layers * (L * (2 * d * d + mlp) + (n_patches + L) * 2 * d * d)
+        matmuls += n_x * (text_len * (2 * d * d + mlp) + L * 2 * d * d)
+        attention += x.resampler_layers * L * (n_patches + L) * d + n_x * text_len * L * d
+    return 6 * matmuls + 12 * attention
 
 
 def _block_weights(dim: int, mlp_ratio: int) -> int:
@@ -141,9 +167,11 @@ def _sync(device: str) -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def preset_run(name: str, batch_size: int | None = None) -> RunConfig:
-    """A preset with its dependent fields filled in and the vocabulary its tokenizer would have."""
+def preset_run(name: str, batch_size: int | None = None, fusion: str | None = None) -> RunConfig:
+    """A preset (with another fusion if given), its dependent fields filled in and its tokenizer's vocabulary."""
     run = get_preset(name)
+    if fusion:
+        run = apply_overrides(run, {"fusion": fusion})
     run.finalize(vocab_size=run.data.vocab_size)  # the BPE tokenizer makes exactly this many ids
     if batch_size:
         run.train.batch_size = batch_size
@@ -238,11 +266,13 @@ def bench_train(
     flops_per_s = flops_per_sample * B / step_s
     return {
         "inputs": inputs,
+        "fusion": model_cfg.fusion,
         "device": str(trainer.device),
         "compile": compile,
         "dtype": dtype,
         "batch_size": B,
         "image_tokens": model_cfg.n_image_tokens,
+        "decoder_positions": model_cfg.n_image_tokens + T,
         "text_len": T,
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "optimizer": run.train.optimizer,
@@ -405,15 +435,25 @@ def format_peak(p: dict) -> str:
 
 def format_train(rows: list[dict]) -> str:
     r0 = rows[0]
+    by_fusion = len({r["fusion"] for r in rows}) > 1  # families side by side: their shapes differ row by row
+    shape = (
+        "shapes per row"
+        if by_fusion
+        else f"{r0['fusion']} fusion, {r0['params'] / 1e6:.2f}M params, {r0['image_tokens']} image + "
+        f"{r0['text_len']} text tokens, {r0['flops_per_sample'] / 1e9:.3f} GFLOP per sample"
+    )
     head = (
-        f"training, preset {r0.get('preset', 'custom')}: {r0['params'] / 1e6:.2f}M params, batch {r0['batch_size']}, "
-        f"{r0['image_tokens']} image + {r0['text_len']} text tokens, {r0['flops_per_sample'] / 1e9:.3f} GFLOP "
-        f"per sample (model_flops_per_sample)\ninputs: {r0['inputs']}; real Trainer.train_step "
-        f"(forward, loss, backward, clip, {r0['optimizer']}); "
+        f"training, preset {r0.get('preset', 'custom')}: batch {r0['batch_size']}, {shape} (model_flops_per_sample)\n"
+        f"inputs: {r0['inputs']}; real Trainer.train_step (forward, loss, backward, clip, {r0['optimizer']}); "
         f"median of {r0['steps']} steps after {r0['warmup_steps']} warm-up"
     )
     table = [
         [
+            *(
+                (r["fusion"], f"{r['params'] / 1e6:.2f}", r["decoder_positions"], f"{r['flops_per_sample'] / 1e9:.3f}")
+                if by_fusion
+                else ()
+            ),
             _mode_name(r["compile"], r["dtype"] == "bf16"),
             f"{r['warmup_s']:.1f}",
             f"{1000 * r['step_s']:.0f}",
@@ -427,6 +467,8 @@ def format_train(rows: list[dict]) -> str:
         for r in rows
     ]
     header = ["mode", "warm-up s", "step ms", "samples/s", "tokens/s", "GFLOP/s", "peak", "MFU", "loss"]
+    if by_fusion:
+        header = ["fusion", "params M", "decoder positions", "GFLOP/sample", *header]
     return head + "\n" + _table(header, table)
 
 
@@ -484,6 +526,12 @@ def add_parser(sub) -> None:
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model and batch shape (tiny)")
     model.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
+    model.add_argument(
+        "--fusion",
+        type=fusions,
+        default=None,
+        help="prefix, cross or early (default: the preset's); train takes several, e.g. prefix,cross,early",
+    )
     steps = argparse.ArgumentParser(add_help=False)
     steps.add_argument("--steps", type=positive_int, default=10, help="timed training steps (median reported)")
     steps.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed training steps first (compilation)")
@@ -520,13 +568,17 @@ def run(args) -> None:
     if args.what in ("peak", "train", "all"):
         out["peak"] = bench_peak(device)
         text.append(format_peak(out["peak"]))
+    families = getattr(args, "fusion", None) or [None]  # None: the preset's own fusion
+    if args.what in ("generate", "data", "all") and len(families) > 1:
+        sys.exit(f"bench {args.what}: --fusion takes one fusion here; bench train compares several")
     if args.what != "peak":
-        preset = preset_run(args.preset, args.batch_size)
+        preset = preset_run(args.preset, args.batch_size, families[0])
     if args.what in ("train", "all"):
         modes = _COMPARE if args.what == "all" or args.compare else [(args.compile, args.bf16)]
         real = getattr(args, "real_data", False)
         out["train"] = [
-            {"preset": args.preset, **bench_train(preset, c, b, args.steps, args.warmup, device, out["peak"], real)}
+            {"preset": args.preset, **bench_train(run, c, b, args.steps, args.warmup, device, out["peak"], real)}
+            for run in [preset_run(args.preset, args.batch_size, f) for f in families]
             for c, b in modes
         ]
         text.append(format_train(out["train"]))
@@ -551,6 +603,14 @@ def run(args) -> None:
     if args.what == "train" and len(out["train"]) == 1:  # one configuration: its figures at the top level
         out = {**out.pop("train")[0], **out}
     print(json.dumps(out, indent=2) if args.json else "\n\n".join(text), flush=True)
+
+
+def fusions(text: str) -> list[str]:
+    """Comma-separated fusion names, e.g. prefix,cross,early (argparse type)."""
+    names = [t for t in text.split(",") if t]
+    if not names or any(n not in FUSIONS for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give fusions from {', '.join(FUSIONS)}, separated by commas")
+    return names
 
 
 def _mode_name(compile: bool, bf16: bool) -> str:

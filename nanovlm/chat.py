@@ -41,7 +41,8 @@ class Chat:
         self.model, self.tok, self.image = model, tokenizer, image  # image: (1, 3, H, W) in [0, 1]
         cfg = model.cfg.decoder
         self.cache = KVCache(cfg.n_layers, cfg.max_seq_len)
-        self.n_image = model.cfg.n_image_tokens
+        self.n_image = model.cfg.n_image_tokens  # positions the image takes in the sequence (0 with cross fusion)
+        self.image_vectors: torch.Tensor | None = None  # image_tokens(image), computed at the first question
         # every text token of the conversation, fed to the decoder or not yet: the last token of each answer
         # (its end token, or its last token when max_new_tokens cut it) waits for the next turn to be fed
         self.tokens: list[int] = [tokenizer.image]
@@ -73,15 +74,17 @@ class Chat:
 
     def _generate(self, max_new_tokens: int) -> list[int]:
         """Greedy answer tokens (without the end token), feeding the decoder only what the cache lacks."""
-        decoder = self.model.decoder
-        device = next(self.model.parameters()).device
+        model, decoder = self.model, self.model.decoder
+        device = next(model.parameters()).device
+        if self.image_vectors is None:  # the first question: the image is read once for the whole chat
+            self.image_vectors = model.image_tokens(self.image.to(device))
         fed = max(self.cache.pos - self.n_image, 0)  # text tokens already in the cache
         x = decoder.embed(torch.tensor([self.tokens[fed:]], device=device))  # (1, T_new, D)
-        if self.cache.pos == 0:  # the first question: the image goes in front, once for the whole chat
-            x = torch.cat([self.model.image_tokens(self.image.to(device)), x], dim=1)  # (1, N_img + T_new, D)
+        if self.cache.pos == 0:  # prefix and early fusion: the image goes in front, once
+            x = model.sequence(self.image_vectors, x)  # (1, N_img + T_new, D)
         answer = []
         for _ in range(max_new_tokens):
-            h = decoder.hidden(x, self.cache)  # continues after cache.pos and moves it on
+            h = model.hidden(x, self.image_vectors, self.cache)  # continues after cache.pos and moves it on
             nxt = int(decoder.head(h[:, -1]).float().argmax(dim=-1))  # the most likely next token
             if nxt == self.tok.eot:
                 break

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from .clip import CLIPConfig
+from .cross_attention import CrossAttentionConfig
 from .decoder import DecoderConfig
 from .projector import ProjectorConfig
 from .tokenizer import SPECIAL_TOKENS
 from .vit import ViTConfig
-from .vlm import VLMConfig
+from .vlm import FUSIONS, VLMConfig
 
 
 def setting(default: Any, help: str) -> Any:
@@ -62,15 +63,16 @@ class DataConfig:
 
 
 # stage -> (data task, components that train); everything else is frozen. "clip" trains a contrastive model
-# (clip.CLIP), the others a captioner (vlm.VLM).
+# (clip.CLIP), the others a captioner (vlm.VLM), which has the components of its fusion only (VLMConfig.parts):
+# "align" trains the bridge between a frozen vision side and a frozen decoder, whichever the fusion has.
 STAGES = {
     "clip": ("contrastive", ("vit", "text", "image_proj", "text_proj", "logit_scale")),
     "text": ("text", ("decoder",)),
-    "align": ("caption", ("projector",)),
-    "full": ("caption", ("vit", "projector", "decoder")),
-    "instruct": ("chat", ("vit", "projector", "decoder")),
+    "align": ("caption", ("projector", "resampler", "xattn")),
+    "full": ("caption", ("vit", "projector", "resampler", "xattn", "decoder")),
+    "instruct": ("chat", ("vit", "projector", "resampler", "xattn", "decoder")),
 }
-COMPONENTS = {"vit", "projector", "decoder", "text", "image_proj", "text_proj", "logit_scale"}
+COMPONENTS = {"vit", "projector", "resampler", "xattn", "decoder", "text", "image_proj", "text_proj", "logit_scale"}
 
 
 @dataclass
@@ -168,13 +170,22 @@ class RunConfig:
         if isinstance(m, CLIPConfig):
             return self._finalize_clip(vocab_size)
         m.vit.image_size = d.image_size
-        m.projector.in_dim, m.projector.out_dim = m.vit.dim, m.decoder.dim
+        m.projector.in_dim = m.patch_values if m.fusion == "early" else m.vit.dim
+        m.projector.out_dim = m.decoder.dim
+        m.cross.vision_dim, m.cross.dim = m.vit.dim, m.decoder.dim
         if vocab_size is not None:
             m.decoder.vocab_size = vocab_size
-        for cfg in (self.train, d, m.vit, m.projector, m.decoder):
+        for cfg in (self.train, d, m.vit, m.projector, m.decoder, m.cross):
             cfg.__post_init__()  # first, so that the sizes below never divide by zero
+        if m.fusion not in FUSIONS:
+            raise ValueError(f"fusion {m.fusion!r} is unknown; choose one of {', '.join(FUSIONS)}")
+        if absent := [c for c in self.train.train if c not in m.parts]:
+            raise ValueError(
+                f"train names {', '.join(absent)}, which a model with {m.fusion} fusion does not have; "
+                f"it has {', '.join(m.parts)}"
+            )
         side = m.vit.image_size // m.vit.patch_size  # patches along each side of the image
-        if side % m.projector.pixel_shuffle:
+        if m.fusion != "cross" and side % m.projector.pixel_shuffle:
             raise ValueError(
                 f"pixel_shuffle {m.projector.pixel_shuffle} does not divide the patch grid: image_size "
                 f"{m.vit.image_size} / patch_size {m.vit.patch_size} = {side} patches a side"
@@ -211,6 +222,7 @@ def _scenes() -> RunConfig:
             vit=ViTConfig(patch_size=4, dim=64, n_layers=2, n_heads=1),
             projector=ProjectorConfig(in_dim=64, out_dim=128, pixel_shuffle=4),
             decoder=DecoderConfig(dim=128, n_layers=4, n_heads=4),
+            cross=CrossAttentionConfig(every=2),  # --fusion cross: a gated layer before blocks 0 and 2
         ),
         train=TrainConfig(
             max_steps=1600,
@@ -352,7 +364,13 @@ def override_fields(run: RunConfig) -> dict[str, tuple[object, str]]:
     if isinstance(m, CLIPConfig):
         components = ((m.vit, "vit-"), (m.text, "text-"), (m, "clip-"))
     else:
-        components = ((m.vit, "vit-"), (m.projector, "projector-"), (m.decoder, "decoder-"))
+        components = (
+            (m, ""),
+            (m.vit, "vit-"),
+            (m.projector, "projector-"),
+            (m.decoder, "decoder-"),
+            (m.cross, "cross-"),
+        )
     for obj, prefix in ((run.train, ""), (run.data, ""), *components):
         for f in fields(obj):
             if is_dataclass(getattr(obj, f.name)):
@@ -386,6 +404,18 @@ COMPONENT_HELP = {
         "init_temperature": "softmax temperature at the start (learned from there)",
         "max_logit_scale": "largest 1/temperature the loss may use",
         "kind": "what config.json says the model is",
+    },
+    VLMConfig: {
+        "fusion": 'how the image joins the text: "prefix" (LLaVA), "cross" (Flamingo) or "early" (no ViT)',
+    },
+    CrossAttentionConfig: {
+        "vision_dim": "width of the vision encoder's outputs",
+        "dim": "width of the language model (and of the latents)",
+        "n_heads": "attention heads (dim must divide by it)",
+        "n_latents": "L: image vectors the text can read, whatever the number of patches",
+        "resampler_layers": "Perceiver blocks the latents pass through",
+        "every": "a gated cross-attention layer before every `every`-th decoder block, from the first",
+        "mlp_ratio": "hidden width of each MLP is mlp_ratio * dim",
     },
     DecoderConfig: {
         "vocab_size": "number of token ids (BPE ranks + special tokens)",
@@ -446,8 +476,14 @@ def _decided_elsewhere(run: RunConfig) -> dict[str, tuple[object, str]]:
     return {
         "vit-image-size": (m.vit.image_size, "--image-size sets it"),
         "vit-channels": (3, "the images are RGB"),
-        "projector-in-dim": (m.vit.dim, "--vit-dim sets it"),
+        "projector-in-dim": (
+            (m.patch_values, "early fusion reads raw patches: --vit-patch-size sets it")
+            if m.fusion == "early"
+            else (m.vit.dim, "--vit-dim sets it")
+        ),
         "projector-out-dim": (m.decoder.dim, "--decoder-dim sets it"),
+        "cross-vision-dim": (m.vit.dim, "--vit-dim sets it"),
+        "cross-dim": (m.decoder.dim, "--decoder-dim sets it"),
         "decoder-max-seq-len": (m.decoder.max_seq_len, "the image tokens plus --max-text-len set it"),
         "decoder-vocab-size": (run.data.vocab_size, "the tokenizer sets it from --vocab-size"),
     }

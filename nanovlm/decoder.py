@@ -8,7 +8,9 @@ matrix maps tokens to vectors and vectors back to token scores, which saves V x 
 layers have no biases (as in LLaMA): the layer norms learn the shifts, and a bias costs a pass over memory.
 
 A VLM feeds this model image tokens before the text: `hidden(embeds)` takes any sequence of D-wide
-vectors, `embed(tokens)` and `head(hidden)` are the two ends.
+vectors, `embed(tokens)` and `head(hidden)` are the two ends. A VLM that joins the image by cross-attention
+(nanovlm/cross_attention.py) instead passes `hidden` a function that runs before each block and may add the
+image to the residual stream there.
 
 Generation uses a KV cache: keys and values of past positions are kept, so each new token costs one
 position's work instead of re-running the whole sequence. The cache advances its own position; `hidden`
@@ -171,13 +173,18 @@ class Decoder(nn.Module):
         """(B, T) token ids -> (B, T, D) vectors (positions are added later, in hidden)."""
         return self.tok_embed(tokens)
 
-    def hidden(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Run the blocks over (B, T, D) inputs; with a cache they continue after its cache.pos positions."""
+    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, before_block=None) -> torch.Tensor:
+        """Run the blocks over (B, T, D) inputs; with a cache they continue after its cache.pos positions.
+
+        before_block(i, x) -> x, if given, runs on the residual stream before block i.
+        """
         start = cache.pos if cache is not None else 0  # read only: the cache moves pos on as the last block writes
         if start + x.size(1) > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + x.size(1)} positions exceeds max_seq_len {self.cfg.max_seq_len}")
         x = x + self.pos_embed(torch.arange(start, start + x.size(1), device=x.device))
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(x, cache)
         return self.ln_f(x)
 

@@ -192,6 +192,12 @@ def start_from(model: VLM, directory: str, tokenizer: Tokenizer | None = None) -
             "job's: python -m nanovlm train)"
         )
     saved, saved_tokenizer = VLM.load(directory)
+    if saved.cfg.fusion != model.cfg.fusion:
+        raise ValueError(
+            f"--init-from {directory}: it holds a model with {saved.cfg.fusion} fusion, this run builds one with "
+            f"{model.cfg.fusion} fusion; give --fusion {saved.cfg.fusion}, or train the earlier stage with "
+            f"--fusion {model.cfg.fusion}"
+        )
     if saved.cfg != model.cfg:
         raise ValueError(f"--init-from {directory}: it holds a model of another configuration than this run's")
     if tokenizer is not None and saved_tokenizer.mergeable_ranks != tokenizer.mergeable_ranks:
@@ -203,6 +209,8 @@ def start_from(model: VLM, directory: str, tokenizer: Tokenizer | None = None) -
 
 def start_vision_from(model: VLM, directory: str) -> None:
     """Stage 1 of the pipeline: copy a trained CLIP's ViT into the captioner (the rest stays as it is)."""
+    if model.cfg.fusion == "early":
+        raise ValueError(f"--init-vision {directory}: a model with early fusion has no ViT to start from a CLIP's")
     clip, _ = CLIP.load(directory)
     if clip.cfg.vit != model.cfg.vit:
         raise ValueError(
@@ -224,6 +232,9 @@ def describe(cfg: RunConfig, model: VLM | CLIP, tokenizer: Tokenizer, splits: di
         shape = f"contrastive, {cfg.model.vit.n_patches} patches and {cfg.data.max_text_len} text tokens"
     else:
         shape = f"{cfg.model.n_image_tokens} image + {cfg.data.max_text_len} text tokens"
+        if cfg.model.fusion == "cross":
+            shape = f"{cfg.data.max_text_len} text tokens reading {cfg.model.cross.n_latents} image latents"
+        shape = f"{cfg.model.fusion} fusion, {shape}"
     return (
         f"data {cfg.data.root} ({sizes} images, {cfg.data.image_size}px); tokenizer {tokenizer.vocab_size} tokens; "
         f"model {n / 1e6:.2f}M parameters, {shape}"

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import TrainConfig
 from .files import write_dir_atomically, write_file_atomically
@@ -75,7 +75,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True) -> "t
 
 def is_hidden_matrix(name: str) -> bool:
     """A weight matrix that maps one hidden representation to another: what Muon is for."""
-    return ".blocks." in name or name.startswith("projector.")
+    return ".blocks." in name or name.startswith(("projector.", "resampler.in_proj", "xattn."))
 
 
 class MuonAdamW:
@@ -110,10 +110,14 @@ class MuonAdamW:
 
 
 def set_trainable(model: nn.Module, components: tuple[str, ...]) -> None:
-    """Freeze everything except the named components (attributes of the model: modules or parameters)."""
+    """Freeze everything except the named components (attributes of the model: modules or parameters).
+
+    A stage names the components of every fusion (config.STAGES); those this model lacks are skipped.
+    """
     model.requires_grad_(False)
     for name in components:
-        getattr(model, name).requires_grad_(True)
+        if hasattr(model, name):
+            getattr(model, name).requires_grad_(True)
 
 
 class Trainer:
@@ -128,7 +132,8 @@ class Trainer:
         self.device = torch.device(resolve_device(cfg.device))
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = model.to(self.device)  # the plain module: what gets saved, never a compiled wrapper
-        set_trainable(self.model, cfg.trained_components)
+        self.trained = [c for c in cfg.trained_components if hasattr(self.model, c)]  # those this model has
+        set_trainable(self.model, self.trained)
         self.optimizer = make_optimizer(self.model, cfg)
         self.step_model = self._wrap(self.model)
         self.step = 0
@@ -242,7 +247,7 @@ class Trainer:
             {
                 "event": "start",
                 "stage": self.cfg.stage,
-                "training": list(self.cfg.trained_components),
+                "training": self.trained,
                 "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                 "frozen_params": sum(p.numel() for p in self.model.parameters() if not p.requires_grad),
                 "device": str(self.device),
@@ -267,6 +272,8 @@ class Trainer:
                             "lr": lr_at(self.step - 1, self.cfg),
                             "samples_per_s": rate,
                         }
+                        if hasattr(self.model, "xattn"):  # cross fusion: how far each gate has opened
+                            record["gates"] = [round(float(b.attn_gate.detach().tanh()), 5) for b in self.model.xattn]
                         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.1e}", sps=f"{rate:.0f}")
                         self.log(record)
                         t0, samples0 = time.perf_counter(), self.samples_seen
@@ -331,6 +338,12 @@ class Trainer:
         """Load model, optimizer, step, data position and random state written by save()."""
         directory = find_checkpoint(Path(directory))
         loaded, _ = type(self.model).load(directory, device=str(self.device))
+        fusions = getattr(loaded.cfg, "fusion", None), getattr(self.model.cfg, "fusion", None)
+        if fusions[0] != fusions[1]:
+            raise ValueError(
+                f"{directory} holds a model with {fusions[0]} fusion, this run builds {fusions[1]}; "
+                f"give --fusion {fusions[0]} to resume it, or choose another --out"
+            )
         if loaded.cfg != self.model.cfg:
             raise ValueError(
                 f"{directory} holds a model of another configuration; "

@@ -137,6 +137,11 @@ def word_attention(
     word i to every image token, laid out on the g x g token grid. Each map sums to at most 1: the rest
     went to the text before the word. With pixel shuffle s, one image token covers an s x s square of
     patches, so the grid is s times coarser than the patch grid.
+
+    With cross fusion the words read latents, not patches: maps[l, i] is then gated cross-attention layer
+    l's weights on the latents, carried to the g x g patch grid through the resampler's last attention
+    (each latent's weights on the patches), so each map sums to 1 less what the latents gave each other.
+    How much a layer's reading counts is its gate, tanh(attn_gate), which the weights do not show.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -144,21 +149,29 @@ def word_attention(
     prompt = torch.tensor([[tokenizer.image]], device=device)  # (1, Tp)
     max_new_tokens = max_new_tokens or model.cfg.max_text_len - 1
     new = model.generate(pixels, prompt, max_new_tokens, eot=tokenizer.eot)[0]
-    # one exact forward over [image tokens | prompt + caption], keeping every layer's attention weights
-    img = model.image_tokens(pixels)  # (1, N, D)
-    text = model.decoder.embed(torch.cat([prompt, prompt.new_tensor(new).view(1, -1)], dim=1))  # (1, Tp + n, D)
-    layers = [block.attn for block in model.decoder.blocks]
+    # one exact forward over the image and prompt + caption, keeping every layer's attention weights
+    cross = model.cfg.fusion == "cross"
+    layers = [block.attn for block in model.xattn] if cross else [block.attn for block in model.decoder.blocks]
+    watched = [*layers, model.resampler.blocks[-1].attn] if cross else layers
     try:
-        for attn in layers:
+        for attn in watched:
             attn.keep_weights = True
-        model.decoder.hidden(torch.cat([img, text], dim=1))
+        img = model.image_tokens(pixels)  # (1, N, D): image tokens, or latents with cross fusion
+        text = model.decoder.embed(torch.cat([prompt, prompt.new_tensor(new).view(1, -1)], dim=1))  # (1, Tp + n, D)
+        model.hidden(model.sequence(img, text), img)
     finally:
-        for attn in layers:
+        for attn in watched:
             attn.keep_weights = False
-    N, g = img.size(1), math.isqrt(img.size(1))
-    first = N + prompt.size(1) - 1  # the position that predicts the first new token
+    first = model.cfg.n_image_tokens + prompt.size(1) - 1  # the position that predicts the first new token
     rows = torch.arange(first, first + len(new), device=device)
-    maps = torch.stack([attn.weights[0].mean(0)[rows, :N] for attn in layers])  # (L, n_words, N)
+    if cross:
+        N = model.cfg.vit.n_patches
+        to_patches = model.resampler.blocks[-1].attn.weights[0].mean(0)[:, :N]  # (L, N): each latent's patches
+        maps = torch.stack([attn.weights[0].mean(0)[rows] @ to_patches for attn in layers])  # (L_x, n_words, N)
+    else:
+        N = img.size(1)
+        maps = torch.stack([attn.weights[0].mean(0)[rows, :N] for attn in layers])  # (L, n_words, N)
+    g = math.isqrt(N)
     words = [tokenizer.decode([t]) for t in new]
     return words, maps.view(len(layers), len(new), g, g).float().cpu().numpy()
 
@@ -170,10 +183,12 @@ def plot_word_attention(
     layer: int | None = None,
     cols: int = 8,
     path: str | Path | None = None,
+    cross: bool = False,
 ) -> Figure:
     """One panel per word: the image with that word's attention over the image tokens laid on top.
 
     layer=None averages the layers. Every panel shares one colour scale, so panels compare directly.
+    cross=True labels maps of a cross-fusion model (word_attention's layers are then its gated layers).
     """
     if maps.ndim != 4 or maps.shape[1] != len(words) or not words:
         raise ValueError(f"maps of shape {maps.shape} for {len(words)} words; pass word_attention's output")
@@ -192,10 +207,12 @@ def plot_word_attention(
         im = ax.imshow(heat, extent=(0, W, H, 0), cmap="inferno", vmin=0, vmax=shown.max(), alpha=0.6)
         ax.set_title(repr(word.strip() or word), fontsize=9)
     fig.colorbar(im, ax=axes, label="attention weight", shrink=0.8)
-    which = "averaged over layers" if layer is None else f"decoder layer {layer}"
+    kind = "gated cross-attention layer" if cross else "decoder layer"
+    which = "averaged over layers" if layer is None else f"{kind} {layer}"
     fig.suptitle(f"Where each generated word looked in the image ({which}, mean over heads)")
     g = maps.shape[2]
-    fig.supxlabel(f"each square is one of {g}x{g} image tokens, covering {H // g}x{W // g} pixels", fontsize=9)
+    squares = f"{g}x{g} patches, reached through the latents," if cross else f"{g}x{g} image tokens,"
+    fig.supxlabel(f"each square is one of {squares} covering {H // g}x{W // g} pixels", fontsize=9)
     return _finish(fig, path)
 
 
@@ -271,6 +288,24 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path | None = None):
         fig.savefig(out_path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def plot_gates(metrics_path: str | Path, out_path: str | Path | None = None) -> Figure:
+    """tanh(attention gate) of each gated cross-attention layer against step, from a cross-fusion run's log."""
+    records = [r for r in read_metrics(metrics_path) if "gates" in r]
+    if not records:
+        raise ValueError(f"{metrics_path} has no gate values: it is not the log of a model with cross fusion")
+    steps = [r["step"] for r in records]
+    gates = np.array([r["gates"] for r in records])  # (n_records, n_layers)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for layer in range(gates.shape[1]):
+        ax.plot(steps, gates[:, layer], label=f"gated layer {layer}")
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set(xlabel="step", ylabel="tanh(gate)", title="How far each cross-attention gate has opened")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _finish(fig, out_path)
 
 
 def plot_throughput(rows: list[dict], title: str = "", out_path: str | Path | None = None) -> Figure:

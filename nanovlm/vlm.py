@@ -1,18 +1,26 @@
-"""The vision-language model: a ViT, a projector and a decoder joined into one sequence.
+"""The vision-language model: a vision side and a decoder, joined by one of three fusions.
 
-    image -> ViT -> projector -> image tokens (B, N, D) --+
-                                                           +-> [image tokens | text tokens] -> decoder -> logits
-    text  -> token ids -> token embeddings (B, T, D) -----+
+    prefix (LLaVA, the default):
+        image -> ViT -> projector -> image tokens (B, N, D) --+
+                                                               +-> [image tokens | text tokens] -> decoder -> logits
+        text  -> token ids -> token embeddings (B, T, D) -----+
+    cross (Flamingo):
+        image -> ViT -> Perceiver resampler -> latents (B, L, D) ...> read by gated cross-attention in the decoder
+        text  -> token embeddings (B, T, D) -> decoder -> logits      (the decoder's sequence is the text alone)
+    early (no vision tower, as in Fuyu):
+        image -> patches -> projector -> image tokens (B, N, D) -> [image tokens | text tokens] -> decoder -> logits
 
-The decoder reads the image tokens as if they were words that came before the text. Loss is computed on
-text positions only: the image tokens are given, not predicted, and padding or the prompt part of a
-question carry target -100, which the loss ignores.
+In the prefix and early fusions the decoder reads the image tokens as if they were words that came before the
+text; early fusion leaves all the seeing to the decoder. In cross fusion (nanovlm/cross_attention.py) the text
+reads the image from inside the decoder, through layers whose gates start shut. Loss is computed on text
+positions only: the image is given, not predicted, and padding or the prompt part of a question carry target
+-100, which the loss ignores.
 
 A trained model is saved as a directory: model.safetensors (weights, no pickled code), config.json and
 tokenizer.tiktoken.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,12 +28,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import check_folder, first_line, read_json, read_tokenizer, read_weights, save_folder
+from .cross_attention import CrossAttentionConfig, GatedCrossAttentionBlock, PerceiverResampler, n_cross_layers
 from .decoder import Decoder, DecoderConfig, KVCache
 from .projector import Projector, ProjectorConfig
 from .tokenizer import Tokenizer
-from .vit import ViT, ViTConfig
+from .vit import ViT, ViTConfig, patchify
 
 IGNORE = -100  # target value that the loss skips
+FUSIONS = ("prefix", "cross", "early")
 
 
 @dataclass
@@ -33,19 +43,58 @@ class VLMConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    fusion: str = "prefix"  # how the image joins the text: "prefix" (LLaVA), "cross" (Flamingo) or "early"
+    cross: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)  # fusion "cross" only
 
     def __post_init__(self) -> None:
-        for name, cls in (("vit", ViTConfig), ("projector", ProjectorConfig), ("decoder", DecoderConfig)):
+        parts = (("vit", ViTConfig), ("projector", ProjectorConfig), ("decoder", DecoderConfig))
+        for name, cls in (*parts, ("cross", CrossAttentionConfig)):
             if isinstance(getattr(self, name), dict):  # loaded from config.json
                 setattr(self, name, cls(**getattr(self, name)))
-        if self.projector.in_dim != self.vit.dim or self.projector.out_dim != self.decoder.dim:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion {self.fusion!r} is unknown; choose one of {', '.join(FUSIONS)}")
+        if self.fusion == "cross":
+            if self.cross.vision_dim != self.vit.dim or self.cross.dim != self.decoder.dim:
+                raise ValueError(
+                    f"cross-attention reads {self.cross.vision_dim}-wide features into a {self.cross.dim}-wide "
+                    f"decoder, but the ViT is {self.vit.dim} wide and the decoder {self.decoder.dim}; make them match"
+                )
+            return
+        # early fusion: the projector reads raw patches, there is no ViT
+        source, width = ("raw patches", self.patch_values) if self.fusion == "early" else ("the ViT", self.vit.dim)
+        if self.projector.in_dim != width or self.projector.out_dim != self.decoder.dim:
             raise ValueError(
-                f"projector maps {self.projector.in_dim} -> {self.projector.out_dim} but the ViT is "
-                f"{self.vit.dim} wide and the decoder {self.decoder.dim}; make them match"
+                f"projector maps {self.projector.in_dim} -> {self.projector.out_dim} but {source} give "
+                f"{width} values and the decoder is {self.decoder.dim} wide; make them match"
             )
+
+    def __eq__(self, other: object) -> bool:
+        """Two configs are equal when they build the same model: the cross settings count for cross fusion only
+        (so a folder saved before fusions existed still matches the run that made it)."""
+        if not isinstance(other, VLMConfig):
+            return NotImplemented
+        mine, theirs = asdict(self), asdict(other)
+        for cfg, d in ((self, mine), (other, theirs)):
+            if cfg.fusion != "cross":
+                del d["cross"]
+        return mine == theirs
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The model's components (attributes of VLM) under this fusion."""
+        bridge = ("resampler", "xattn") if self.fusion == "cross" else ("projector",)
+        return (*(() if self.fusion == "early" else ("vit",)), *bridge, "decoder")
+
+    @property
+    def patch_values(self) -> int:
+        """Numbers in one raw patch: what early fusion's projector reads per patch."""
+        return self.vit.patch_size**2 * self.vit.channels
 
     @property
     def n_image_tokens(self) -> int:
+        """Positions the image takes in the decoder's sequence (none with cross-attention)."""
+        if self.fusion == "cross":
+            return 0
         return self.vit.n_patches // self.projector.pixel_shuffle**2
 
     @property
@@ -57,14 +106,51 @@ class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vit = ViT(cfg.vit)
-        self.projector = Projector(cfg.projector)
+        if cfg.fusion != "early":
+            self.vit = ViT(cfg.vit)
+        if cfg.fusion == "cross":
+            self.resampler = PerceiverResampler(cfg.cross)
+            n = n_cross_layers(cfg.decoder.n_layers, cfg.cross.every)
+            self.xattn = nn.ModuleList(GatedCrossAttentionBlock(cfg.cross) for _ in range(n))
+        else:
+            self.projector = Projector(cfg.projector)
         self.decoder = Decoder(cfg.decoder)
         self.apply(_init_weights)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images in [0, 1] -> (B, N_img, D) vectors in the decoder's space."""
-        return self.projector(self.vit(images))
+        """(B, 3, H, W) images in [0, 1] -> (B, N, D) vectors in the decoder's width.
+
+        Prefix and early fusion: the N_img tokens that go in front of the text. Cross fusion: the L latents
+        that the gated cross-attention layers read.
+        """
+        if self.cfg.fusion == "early":
+            size, channels = self.cfg.vit.image_size, self.cfg.vit.channels
+            if images.shape[-3:] != (channels, size, size):
+                raise ValueError(f"expected images of shape (B, {channels}, {size}, {size}), got {tuple(images.shape)}")
+            return self.projector(patchify(images * 2 - 1, self.cfg.vit.patch_size))  # pixels centred on 0
+        features = self.vit(images)  # (B, N_patches, D_vision)
+        return self.resampler(features) if self.cfg.fusion == "cross" else self.projector(features)
+
+    def sequence(self, image: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: [image tokens | text] for prefix and early fusion, the text alone otherwise."""
+        if image is None or self.cfg.fusion == "cross":
+            return text
+        return torch.cat([image, text], dim=1)
+
+    def hidden(self, x: torch.Tensor, image: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """The decoder's final hidden states for the sequence x (B, T, D) made by sequence().
+
+        image is image_tokens()' output (or None for text alone): with cross fusion, the gated layers read it
+        before every `every`-th block; with the other fusions it is already in x.
+        """
+        if image is None or self.cfg.fusion != "cross":
+            return self.decoder.hidden(x, cache)
+        every = self.cfg.cross.every
+
+        def read_image(i: int, h: torch.Tensor) -> torch.Tensor:
+            return self.xattn[i // every](h, image) if i % every == 0 else h
+
+        return self.decoder.hidden(x, cache, before_block=read_image)
 
     def forward(
         self, images: torch.Tensor | None, input_ids: torch.Tensor, targets: torch.Tensor | None = None
@@ -74,11 +160,8 @@ class VLM(nn.Module):
         images=None runs the decoder on text alone (stage 1: language-model pre-training).
         """
         text = self.decoder.embed(input_ids)  # (B, T, D)
-        if images is None:
-            h = self.decoder.hidden(text)
-        else:
-            img = self.image_tokens(images)  # (B, N_img, D)
-            h = self.decoder.hidden(torch.cat([img, text], dim=1))[:, img.size(1) :]  # text positions only
+        image = None if images is None else self.image_tokens(images)
+        h = self.hidden(self.sequence(image, text), image)[:, -text.size(1) :]  # text positions only
         logits = self.decoder.head(h)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -104,16 +187,15 @@ class VLM(nn.Module):
         (same tokens, much slower: it is there to show what the KV cache saves).
         """
         B = prompt_ids.size(0)
-        seq = self.decoder.embed(prompt_ids)
-        if images is not None:
-            seq = torch.cat([self.image_tokens(images), seq], dim=1)  # (B, N_img + Tp, D)
+        image = None if images is None else self.image_tokens(images)
+        seq = self.sequence(image, self.decoder.embed(prompt_ids))  # (B, N_img + Tp, D)
         max_new_tokens = min(max_new_tokens, self.cfg.decoder.max_seq_len - seq.size(1))
         cache = KVCache(self.cfg.decoder.n_layers, self.cfg.decoder.max_seq_len) if use_cache else None
         out = torch.empty(B, 0, dtype=torch.long, device=prompt_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         step_input = seq
         for _ in range(max_new_tokens):
-            h = self.decoder.hidden(step_input if use_cache else seq, cache)
+            h = self.hidden(step_input if use_cache else seq, image, cache)
             logits = self.decoder.head(h[:, -1]).float()  # (B, V) scores for the next token
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             nxt = nxt.masked_fill(done, eot)  # finished sequences keep emitting eot
@@ -154,7 +236,11 @@ def _read_config(path: Path) -> VLMConfig:
             "or start a VLM from its ViT"
         )
     parts = ("vit", "projector", "decoder")
-    if not isinstance(raw, dict) or sorted(raw) != sorted(parts) or not all(isinstance(raw[p], dict) for p in parts):
+    if (
+        not isinstance(raw, dict)
+        or not set(parts) <= set(raw) <= {*parts, "fusion", "cross"}  # folders saved before fusions have neither
+        or not all(isinstance(raw[p], dict) for p in parts)
+    ):
         raise ValueError(f"{path} is not a nanovlm config: it must be an object with objects {list(parts)}")
     try:
         return VLMConfig(**raw)
