@@ -110,14 +110,10 @@ class MuonAdamW:
 
 
 def set_trainable(model: nn.Module, components: tuple[str, ...]) -> None:
-    """Freeze everything except the named components (attributes of the model: modules or parameters).
-
-    A stage names the components of every fusion (config.STAGES); those this model lacks are skipped.
-    """
+    """Freeze everything except the named components (attributes of the model: modules or parameters)."""
     model.requires_grad_(False)
     for name in components:
-        if hasattr(model, name):
-            getattr(model, name).requires_grad_(True)
+        getattr(model, name).requires_grad_(True)
 
 
 class Trainer:
@@ -132,7 +128,8 @@ class Trainer:
         self.device = torch.device(resolve_device(cfg.device))
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = model.to(self.device)  # the plain module: what gets saved, never a compiled wrapper
-        self.trained = [c for c in cfg.trained_components if hasattr(self.model, c)]  # those this model has
+        # a stage names the components of every fusion (config.STAGES); train those this model has
+        self.trained = [c for c in cfg.trained_components if hasattr(self.model, c)]
         set_trainable(self.model, self.trained)
         self.optimizer = make_optimizer(self.model, cfg)
         self.step_model = self._wrap(self.model)
