@@ -235,6 +235,101 @@ MISTAKES = [  # (exercise, edits to the solution, the part that fails, what its 
         "backward() and optimizer.step() update the weights",
         "call optimizer.step() after loss.backward()",
     ),
+    (
+        "sincos_2d",
+        [("[one_axis(r.reshape(-1)), one_axis(c.reshape(-1))]", "[one_axis(c.reshape(-1)), one_axis(r.reshape(-1))]")],
+        "patch (r, c) at row r * cols + c; the row's half first",
+        "the row comes first",
+    ),
+    (
+        "sincos_2d",
+        [
+            (
+                "torch.cat([angles.sin(), angles.cos()], dim=1)",
+                "torch.stack([angles.sin(), angles.cos()], -1).flatten(1)",
+            )
+        ],
+        "each half: sines, then cosines, w_k = 10000^(-k / (dim/4))",
+        "you interleave sin and cos",
+    ),
+    (
+        "sincos_2d",
+        [("    if dim % 4:\n", "    if False:\n")],
+        "a dim that is not a multiple of 4 raises ValueError",
+        "raise",
+    ),
+    (
+        "beam_search",
+        [("score + float(row[v])", "float(row[v])")],
+        "returns (tokens, score), score the sum of the tokens' log-probs",
+        "the score of a beam is the sum of its tokens' log-probs",
+    ),
+    (
+        "beam_search",
+        [
+            (
+                "candidates = [(tokens, score) for tokens, score in beams if tokens and tokens[-1] == eos]",
+                "candidates = []",
+            )
+        ],
+        "a beam that ends in eos stops, and competes with its score",
+        "a finished beam must stay in the running",
+    ),
+    (
+        "beam_search",
+        [("if not tokens or tokens[-1] != eos]", "]"), ("if tokens and tokens[-1] == eos]", "if False]")],
+        "a beam that ends in eos stops, and competes with its score",
+        "go on after eos",
+    ),
+    (
+        "chair",
+        [('(m["color"] is None or o["color"] == m["color"])', 'o["color"] == m["color"]')],
+        "CHAIR_i: hallucinated mentions / mentions",
+        "fits a circle of any colour",
+    ),
+    (
+        "chair",
+        [("mentions += 1", 'mentions += m["count"]')],
+        "CHAIR_i: hallucinated mentions / mentions",
+        "two mentions",
+    ),
+    (
+        "chair",
+        [('        if not caption["parsed"]:\n            continue\n', "")],
+        "CHAIR_s: parsed captions with a hallucination / parsed captions",
+        "share of the parsed captions",
+    ),
+    (
+        "chair",
+        [("if mentions else math.nan", "if mentions else 0.0"), ("if captions else math.nan", "if captions else 0.0")],
+        "nothing to measure gives nan",
+        "return (nan, nan)",
+    ),
+    (
+        "siglip_loss",
+        [("F.normalize(image, dim=-1), F.normalize(text, dim=-1)", "image, text")],
+        "embeddings scaled to length 1",
+        "scale each to length 1",
+    ),  # fmt: skip
+    ("siglip_loss", [("log_t.exp() * x", "log_t * x")], "temperature exp(log_t), then the bias b", "t = exp(log_t)"),
+    (
+        "siglip_loss",
+        [("2 * torch.eye(len(x)) - 1", "torch.eye(len(x))")],
+        "a binary label per pair: +1 on the diagonal, -1 off it",
+        "your labels are 1 and 0",
+    ),
+    (
+        "siglip_loss",
+        [(".sum() / len(x)", ".mean()")],
+        "summed over all pairs, divided by the batch size",
+        "you divide by B^2",
+    ),
+    (
+        "siglip_loss",
+        [("labels * logits).sum()", "labels * logits).sum().item()")],
+        "a scalar tensor that carries gradients",
+        "no gradient",
+    ),  # fmt: skip
 ]
 
 

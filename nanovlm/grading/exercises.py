@@ -1,4 +1,4 @@
-"""The nine exercises, and grading one function in this process.
+"""The thirteen exercises, and grading one function in this process.
 
 An exercise names the function the student writes, its check (in exNN_*.py) and the package functions the
 student's code may not call. Each check takes the student's function (wrapped in a Student) and returns the
@@ -21,6 +21,10 @@ from . import ex06_sampling as ex06
 from . import ex07_bleu as ex07
 from . import ex08_cider as ex08
 from . import ex09_train_step as ex09
+from . import ex10_sincos_2d as ex10
+from . import ex11_beam_search as ex11
+from . import ex12_chair as ex12
+from . import ex13_siglip_loss as ex13
 from .results import POINTS, Part, Result, format_result
 from .student import NotAttempted, Student, StudentError
 
@@ -65,6 +69,10 @@ EXERCISES: dict[str, Exercise] = {
         ),
         Exercise(8, "tfidf", "CIDEr's tf-idf weights", ex08.check_tfidf, ex08.FORBIDDEN),
         Exercise(9, "train_step", "a captioning training step", ex09.check_train_step, ex09.FORBIDDEN),
+        Exercise(10, "sincos_2d", "2-D sine-cosine position embeddings", ex10.check_sincos_2d, ex10.FORBIDDEN),
+        Exercise(11, "beam_search", "beam search decoding", ex11.check_beam_search, ex11.FORBIDDEN),
+        Exercise(12, "chair", "the CHAIR hallucination scores", ex12.check_chair, ex12.FORBIDDEN),
+        Exercise(13, "siglip_loss", "SigLIP's sigmoid contrastive loss", ex13.check_siglip_loss, ex13.FORBIDDEN),
     ]
 }
 
