@@ -330,6 +330,59 @@ MISTAKES = [  # (exercise, edits to the solution, the part that fails, what its 
         "a scalar tensor that carries gradients",
         "no gradient",
     ),  # fmt: skip
+    (
+        "bpe_encode",
+        [("_, i = min(candidates)", "_, i = candidates[0]")],
+        "the lowest-ranked pair is joined first",
+        "you join the first known pair from the left",
+    ),
+    (
+        "bpe_encode",
+        [("_, i = min(candidates)", "i = min(candidates, key=lambda c: (c[0], -c[1]))[1]")],
+        "the same pair twice: the leftmost first",
+        "join the leftmost first",
+    ),
+    (
+        "vqa_accuracy",
+        [
+            (
+                "sum(min(1.0, (sum(matches) - left_out) / 3) for left_out in matches) / len(humans)",
+                "min(1.0, sum(matches) / 3)",
+            )
+        ],
+        "min(matches / 3, 1), averaged over the ten leave-one-out sets",
+        "averages it over the ten sets of nine humans",
+    ),
+    (
+        "vqa_accuracy",
+        [("    if len(set(humans)) > 1:\n", "    if True:\n")],
+        "answers normalised when the humans disagree, not when they agree",
+        "you normalise even when all humans gave the same string",
+    ),
+    (
+        "media_mask",
+        [("image_of[:, None] == latent_image[None, :]", "(image_of[:, None] >= latent_image[None, :])")],
+        "each position reads only the last image at or before it",
+        "your positions read every image before them",
+    ),
+    (
+        "media_mask",
+        [("is_tag.long().cumsum(0) - 1", "is_tag.long().cumsum(0) - 1 - is_tag.long()")],
+        "each position reads only the last image at or before it",
+        "the image tag's own position must already read its image",
+    ),
+    (
+        "square_image",
+        [("left, top = (w - side) // 2, (h - side) // 2", "left, top = 0, 0")],
+        "crop keeps the middle square",
+        "crop the middle square",
+    ),
+    (
+        "square_image",
+        [("out.paste(small, ((size - small.width) // 2, (size - small.height) // 2))", "out.paste(small, (0, 0))")],
+        "pad keeps the whole photo, centred on black bars",
+        "paste it at ((32 - width) // 2, (32 - height) // 2)",
+    ),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The thirteen exercises, and grading one function in this process.
+"""The seventeen exercises, and grading one function in this process.
 
 An exercise names the function the student writes, its check (in exNN_*.py) and the package functions the
 student's code may not call. Each check takes the student's function (wrapped in a Student) and returns the
@@ -25,6 +25,10 @@ from . import ex10_sincos_2d as ex10
 from . import ex11_beam_search as ex11
 from . import ex12_chair as ex12
 from . import ex13_siglip_loss as ex13
+from . import ex14_bpe_encode as ex14
+from . import ex15_vqa_accuracy as ex15
+from . import ex16_media_mask as ex16
+from . import ex17_square_image as ex17
 from .results import POINTS, Part, Result, format_result
 from .student import NotAttempted, Student, StudentError
 
@@ -73,6 +77,10 @@ EXERCISES: dict[str, Exercise] = {
         Exercise(11, "beam_search", "beam search decoding", ex11.check_beam_search, ex11.FORBIDDEN),
         Exercise(12, "chair", "the CHAIR hallucination scores", ex12.check_chair, ex12.FORBIDDEN),
         Exercise(13, "siglip_loss", "SigLIP's sigmoid contrastive loss", ex13.check_siglip_loss, ex13.FORBIDDEN),
+        Exercise(14, "bpe_encode", "encoding a word with BPE merges", ex14.check_bpe_encode, ex14.FORBIDDEN),
+        Exercise(15, "vqa_accuracy", "the VQA accuracy of one answer", ex15.check_vqa_accuracy, ex15.FORBIDDEN),
+        Exercise(16, "media_mask", "Flamingo's mask for several images", ex16.check_media_mask, ex16.FORBIDDEN),
+        Exercise(17, "square_image", "a photo made square: crop or pad", ex17.check_square_image, ex17.FORBIDDEN),
     ]
 }
 
