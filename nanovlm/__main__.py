@@ -207,6 +207,11 @@ def add_data_parser(sub) -> None:
     p.add_argument("--n-train", type=config.positive_int, default=None, help="scenes: number of training images")
     p.add_argument("--parts", default="val2017,annotations", help="coco: zips to fetch (train2017,val2017,annotations)")
     p.add_argument("--no-download", action="store_true", help="coco: only prepare what is already unzipped")
+    p.add_argument(
+        "--laptop",
+        action="store_true",
+        help="coco: cut val2017 into the laptop split (4,000 / 500 / 500 photos) that `--preset coco-laptop` trains on",
+    )
 
 
 def cmd_data(args) -> None:
@@ -214,7 +219,9 @@ def cmd_data(args) -> None:
 
     if args.kind == "vqa":
         return _data_vqa(args)
-    cfg = config.get_preset("scenes" if args.kind == "scenes" else "coco").data
+    if args.laptop and args.kind != "coco":
+        raise ValueError(f"--laptop cuts COCO's val2017; it does nothing for {args.kind}")
+    cfg = config.get_preset({"scenes": "scenes", "coco": "coco-laptop" if args.laptop else "coco"}[args.kind]).data
     if args.root is not None and not args.root.strip():
         raise ValueError("--root '': name the dataset folder")
     cfg.root = args.root or cfg.root
@@ -231,10 +238,15 @@ def cmd_data(args) -> None:
             raise ValueError(f"--parts {args.parts!r}: choose from {','.join(ARCHIVES)}")
         if not args.no_download:
             fetch(cfg.root, parts=parts)
-        # with one image folder only (val2017 for a laptop), every split is packed from it
-        present = [s for s in ("train2017", "val2017") if (Path(cfg.root) / s).is_dir()] or ["val2017"]
-        cfg.train_split = "train2017" if "train2017" in present else present[0]
-        cfg.val_split = cfg.test_split = "val2017" if "val2017" in present else present[0]
+        if args.laptop:
+            from .coco import make_laptop_split
+
+            for name, n in make_laptop_split(cfg.root).items():
+                print(f"{name}: {n} photos of val2017 (ids in {Path(cfg.root) / 'annotations' / 'laptop_split.json'})")
+        else:  # with one image folder only (val2017), every split is packed from it
+            present = [s for s in ("train2017", "val2017") if (Path(cfg.root) / s).is_dir()] or ["val2017"]
+            cfg.train_split = "train2017" if "train2017" in present else present[0]
+            cfg.val_split = cfg.test_split = "val2017" if "val2017" in present else present[0]
     for name, split in prepare_splits(cfg).items():
         print(f"{name}: {len(split)} images of {split.image_size}px in {split.dir}")
 

@@ -11,6 +11,7 @@ this works wherever Python does; without internet, download the zips by hand int
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from .data import report
+from .files import write_file_atomically
 
 
 @dataclass(frozen=True)
@@ -255,3 +257,73 @@ def fetch(
             zip_path.unlink()
         report(f"{name}: unpacked into {root}" + ("" if keep_zips else f" (deleted {zip_path.name})"))
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The laptop split: train, validate and test on val2017 alone (1 GB instead of 19)
+# ---------------------------------------------------------------------------------------------------------
+
+LAPTOP_SIZES = {"laptop-train": 4000, "laptop-val": 500, "laptop-test": 500}
+
+
+def laptop_order(image_ids: list) -> list:
+    """val2017's ids in the laptop split's fixed order: by the SHA-256 of the id's decimal text.
+
+    A hash, not a seeded shuffle, so that the order is the same on every machine and every Python: the
+    split depends on nothing but COCO's own ids.
+    """
+    return sorted(image_ids, key=lambda i: hashlib.sha256(str(i).encode()).hexdigest())
+
+
+def make_laptop_split(root: str | Path, source: str = "val2017", sizes: dict[str, int] | None = None) -> dict:
+    """Cut SOURCE (val2017) into the splits of `sizes` (LAPTOP_SIZES: 4,000 / 500 / 500), in laptop_order.
+
+    For each split NAME it writes ROOT/annotations/captions_NAME.json (and instances_NAME.json when the source
+    has instance annotations, for CHAIR) holding that split's images, and fills ROOT/NAME/ with hard links to
+    the source's image files (copies where the file system has no links), so `data.prepare(root, NAME, ...)`
+    reads it like any COCO split. ROOT/annotations/laptop_split.json records the ids. Only captioned images
+    that are on disk are used; the ones left out are counted and named. Returns {name: number of images}.
+    """
+    root, sizes = Path(root), sizes or LAPTOP_SIZES
+    ann = root / "annotations"
+    captions_path = ann / f"captions_{source}.json"
+    try:
+        captions = json.loads(captions_path.read_text(encoding="utf-8"))
+        images = {im["id"]: im for im in captions["images"]}
+        captioned = {a["image_id"] for a in captions["annotations"]}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{captions_path} not found; run `python -m nanovlm data coco` first") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{captions_path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    missing = [i for i in images if i in captioned and not (root / source / images[i]["file_name"]).is_file()]
+    if missing:
+        report(f"laptop split: {len(missing)} captioned image(s) of {source} are not on disk and are left out, "
+               f"e.g. {images[missing[0]]['file_name']}")  # fmt: skip
+    left_out = set(missing)
+    usable = laptop_order([i for i in images if i in captioned and i not in left_out])
+    if len(usable) < sum(sizes.values()):
+        raise ValueError(f"{source} has {len(usable)} usable images; the laptop split needs {sum(sizes.values())}")
+    instances_path = ann / f"instances_{source}.json"
+    instances = json.loads(instances_path.read_text(encoding="utf-8")) if instances_path.is_file() else None
+    chosen, start = {}, 0
+    for name, n in sizes.items():
+        chosen[name], start = usable[start : start + n], start + n
+    for name, ids in chosen.items():
+        keep = set(ids)
+        for kind, data in (("captions", captions), ("instances", instances)):
+            if data is not None:
+                part = {**data, "images": [images[i] for i in ids]}
+                part["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+                write_file_atomically(ann / f"{kind}_{name}.json", json.dumps(part))
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        for i in ids:
+            src, dst = root / source / images[i]["file_name"], folder / images[i]["file_name"]
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:  # no hard links here (another file system, some network drives): copy
+                    shutil.copyfile(src, dst)
+    record = {"source": source, "order": "sha256 of each image id's decimal text", **chosen}
+    write_file_atomically(ann / "laptop_split.json", json.dumps(record))
+    return {name: len(ids) for name, ids in chosen.items()}

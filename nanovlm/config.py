@@ -344,7 +344,49 @@ def _coco() -> RunConfig:
     )
 
 
-PRESETS = {"scenes": _scenes, "clip": _clip, "instruct": _instruct, "vqa": _vqa, "tiny": _tiny, "coco": _coco}
+def _coco_laptop() -> RunConfig:
+    # COCO on a laptop: val2017 alone (1 GB), cut into 4,000 / 500 / 500 photos by `data coco --laptop`, packed
+    # at 64 px; the scenes preset's model with COCO's larger vocabulary and shorter captions. Its step count is
+    # what `bench train --preset coco-laptop` says fits in 30 minutes on a 2-core CPU with the data's packing
+    # and the report (README, Performance).
+    return RunConfig(
+        data=DataConfig(
+            kind="coco",
+            root="data/coco",
+            train_split="laptop-train",
+            val_split="laptop-val",
+            test_split="laptop-test",
+            image_size=64,
+            vocab_size=2048,
+            max_text_len=24,
+        ),
+        model=VLMConfig(
+            vit=ViTConfig(patch_size=4, dim=64, n_layers=2, n_heads=1),
+            projector=ProjectorConfig(in_dim=64, out_dim=128, pixel_shuffle=4),
+            decoder=DecoderConfig(dim=128, n_layers=4, n_heads=4),
+        ),
+        train=TrainConfig(
+            max_steps=6000,
+            batch_size=64,
+            lr=5e-3,
+            min_lr=1e-4,
+            warmup_steps=50,
+            eval_every=500,
+            optimizer="muon",
+            out="runs/coco-laptop",
+        ),
+    )
+
+
+PRESETS = {
+    "scenes": _scenes,
+    "clip": _clip,
+    "instruct": _instruct,
+    "vqa": _vqa,
+    "tiny": _tiny,
+    "coco": _coco,
+    "coco-laptop": _coco_laptop,
+}
 
 
 def get_preset(name: str) -> RunConfig:

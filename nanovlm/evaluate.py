@@ -5,8 +5,13 @@
   relations, attribute binding);
 - splits with questions (scenes, or VQA v2 files): VQA accuracy by question type and by answer type, and
   the answer-prior baseline (the most common training answer of each question type);
+- COCO-layout splits whose instance annotations are on disk (ROOT/annotations/instances_<split>.json):
+  CHAIR with COCO's 80 categories (nanovlm/chair.py), with the mean caption length and object recall;
 - the blind baseline: the same model with every image replaced by a blank one, so the numbers show how
-  much the image contributes.
+  much the image contributes;
+- photo splits (no scene records) with several references per image: the humans, each reference scored
+  against the others and averaged over which one is left out, the ceiling BLEU, CIDEr-D and CHAIR are read
+  against (with one reference fewer than the model is scored against, as is usual).
 """
 
 import math
@@ -15,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from . import metrics, scenes, vqa
+from . import chair, metrics, scenes, vqa
 from .data import PackedSplit, report, to_tensor
 from .tokenizer import Tokenizer
 from .vlm import VLM
@@ -161,8 +166,22 @@ def format_vqa_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def score_captions(captions: list[str], split: PackedSplit) -> dict:
-    """Scores of captions for the first len(captions) images: BLEU/CIDEr, and grounded scores on scenes."""
+def coco_instances(split: PackedSplit) -> dict | None:
+    """Image id -> the COCO categories its instance annotations hold; None for a split without them.
+
+    The file is looked up beside the captions the split was packed from: a split packed into
+    ROOT/prepared/<split>_<size> reads ROOT/annotations/instances_<split>.json.
+    """
+    if split.scenes is not None:
+        return None
+    root, name = split.dir.parent.parent, split.dir.name.rsplit("_", 1)[0]
+    path = root / "annotations" / f"instances_{name}.json"
+    return chair.read_instances(path) if path.is_file() else None
+
+
+def score_captions(captions: list[str], split: PackedSplit, objects: dict | None = None) -> dict:
+    """Scores of captions for the first len(captions) images: BLEU/CIDEr, grounded scores on scenes, and COCO's
+    CHAIR when `objects` gives each image's categories (row -> set, as evaluate_split builds it)."""
     n = len(captions)
     if not 0 < n <= len(split):
         raise ValueError(f"got {n} captions for a split of {len(split)} images; pass one caption per image, in order")
@@ -170,6 +189,28 @@ def score_captions(captions: list[str], split: PackedSplit) -> dict:
     if split.scenes is not None:
         parsed = [scenes.parse_caption(c) for c in captions]
         scores.update(metrics.grounded_scores(split.scenes[:n], parsed, scenes.relation_holds))
+    if objects is not None:
+        scores.update(chair.chair(dict(enumerate(captions)), objects))
+    return scores
+
+
+def human_scores(split: PackedSplit, n: int, instances: dict | None = None) -> dict:
+    """The first n images' reference captions scored like a model's: each against the others, averaged over which
+    reference is left out; with `instances` (coco_instances), CHAIR against them and the other references too.
+    {} unless every image has at least 2 references."""
+    references = split.captions[:n]
+    k = min((len(refs) for refs in references), default=0)
+    if k < 2:
+        return {}
+    runs = []
+    for left_out in range(k):
+        held = {i: refs[left_out] for i, refs in enumerate(references)}
+        rest = {i: [r for j, r in enumerate(refs) if j != left_out] for i, refs in enumerate(references)}
+        runs.append(metrics.caption_scores(held, rest))
+    scores = {key: sum(r[key] for r in runs) / k for key in runs[0]}
+    if instances is not None:
+        rows = {row: instances.get(i, set()) for row, i in enumerate(split.image_ids[:n])}
+        scores.update(chair.human_chair(dict(enumerate(references)), rows))
     return scores
 
 
@@ -190,28 +231,36 @@ def evaluate_split(
         raise ValueError(f"limit {limit}: score at least 1 image, or pass None for the whole split")
     n = min(limit or len(split), len(split))
     qa, too_long = answered(model, tokenizer, split, n) if questions else ([], 0)
+    instances = coco_instances(split)
+    objects = None  # row -> categories, for CHAIR: the instances' and those the references name
+    if instances is not None:
+        rows = {row: instances.get(i, set()) for row, i in enumerate(split.image_ids[:n])}
+        objects = chair.truth(rows, dict(enumerate(split.captions[:n])))
     result = {"n_images": n, "model": {}, "blind": {}}
     for key, blind in (("model", False), ("blind", True)):
         if blind and not blind_baseline:
             continue
         captions = generate_captions(model, tokenizer, split.images[:n], blind=blind)
-        scores = score_captions(captions, split)
+        scores = score_captions(captions, split, objects)
         if qa:
             scores.update(score_answers(answer_questions(model, tokenizer, split, qa, blind=blind), qa))
             scores["vqa_skipped_too_long"] = too_long
         result[key] = scores
         if key == "model":
             result["captions"] = captions
+    if split.scenes is None and (humans := human_scores(split, n, instances)):
+        result["humans"] = humans
     return result
 
 
 def score_table(summary: dict) -> str:
     """Every score of an evaluate_split summary, model next to blind baseline; counts print as integers."""
-    model, blind = summary["model"], summary.get("blind", {})
+    model, blind, humans = summary["model"], summary.get("blind", {}), summary.get("humans")
     width = max(map(len, model), default=0) + 2
-    lines = [f"{'score':<{width}} {'model':>8} {'blind':>8}"]
+    lines = [f"{'score':<{width}} {'model':>8} {'blind':>8}" + (f" {'humans':>8}" if humans else "")]
     for key, value in model.items():
-        lines.append(f"{key:<{width}} {_fmt(value):>8} {_fmt(blind.get(key)):>8}")
+        line = f"{key:<{width}} {_fmt(value):>8} {_fmt(blind.get(key)):>8}"
+        lines.append(line + (f" {_fmt(humans.get(key)):>8}" if humans else ""))
     return "\n".join(lines)
 
 
