@@ -140,6 +140,7 @@ def bench_peak(
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_SWEEPS = 3  # matmul sweeps among the timed training steps, besides the one before and the one after
 
 
 def _matmul_flops(n: int, dtype: torch.dtype, device: str, repeats: int) -> float:
@@ -246,20 +247,26 @@ def bench_train(
     """Time `steps` real training steps after `warmup` untimed ones; samples/s, tokens/s, FLOP/s, MFU.
 
     tokens_per_s counts text tokens (T per sample); flops_per_s is model_flops_per_sample x samples/s and
-    mfu divides it by the measured matmul peak of the step's dtype (measured now if `peak` is not given).
+    mfu divides it by the matmul peak of the step's dtype: the best of the sweep `peak` holds (measured now
+    if not given) and of sweeps at its best size run between the timed steps, since a machine's peak moves
+    with what else it runs; peak_sweeps lists them all, so the spread shows how far to trust the MFU.
     """
     trainer, inputs = make_trainer(run, compile, bf16, device, real_data)
     dtype = "bf16" if bf16 else "fp32"
     peak = peak if peak and dtype in peak["flops"] else bench_peak(str(trainer.device), (dtype,))
+    best_n = int(max(peak["by_size"][dtype], key=peak["by_size"][dtype].get))
     start = time.perf_counter()
     for _ in range(warmup):
         trainer.train_step()
     warmup_s = time.perf_counter() - start
-    times, loss = [], float("nan")
-    for _ in range(steps):
+    times, loss, sweeps = [], float("nan"), [peak["flops"][dtype]]
+    for i in range(steps):
+        if i % max(1, steps // PEAK_SWEEPS) == 0:  # a few short sweeps spread over the timed steps
+            sweeps.append(_matmul_flops(best_n, _DTYPES[dtype], str(trainer.device), 3))
         start = time.perf_counter()
         loss = trainer.train_step()  # ends with loss.item(), so a GPU has finished the step
         times.append(time.perf_counter() - start)
+    sweeps.append(_matmul_flops(best_n, _DTYPES[dtype], str(trainer.device), 3))
     step_s = statistics.median(times)
     B, T, model_cfg = run.train.batch_size, run.data.max_text_len, trainer.model.cfg
     flops_per_sample = model_flops_per_sample(model_cfg, T)
@@ -284,8 +291,9 @@ def bench_train(
         "tokens_per_s": B * T / step_s,
         "flops_per_sample": flops_per_sample,
         "flops_per_s": flops_per_s,
-        "peak_flops": peak["flops"][dtype],
-        "mfu": flops_per_s / peak["flops"][dtype],
+        "peak_flops": max(sweeps),
+        "peak_sweeps": sweeps,
+        "mfu": flops_per_s / max(sweeps),
         "loss": loss,
     }
 
@@ -445,7 +453,15 @@ def format_train(rows: list[dict]) -> str:
     head = (
         f"training, preset {r0.get('preset', 'custom')}: batch {r0['batch_size']}, {shape} (model_flops_per_sample)\n"
         f"inputs: {r0['inputs']}; real Trainer.train_step (forward, loss, backward, clip, {r0['optimizer']}); "
-        f"median of {r0['steps']} steps after {r0['warmup_steps']} warm-up"
+        f"median of {r0['steps']} steps after {r0['warmup_steps']} warm-up\n"
+        "peak: the best matmul GFLOP/s of the sweep above and of sweeps between the timed steps; the spread of "
+        "those sweeps, "
+        + "; ".join(
+            f"{r['fusion'] + ' ' if by_fusion else ''}{_mode_name(r['compile'], r['dtype'] == 'bf16')} "
+            f"{min(r['peak_sweeps']) / 1e9:.0f}-"
+            f"{max(r['peak_sweeps']) / 1e9:.0f}"
+            for r in rows
+        )
     )
     table = [
         [

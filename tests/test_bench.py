@@ -100,11 +100,15 @@ def test_bench_train_runs_real_steps_and_reports_rates(small_peak, bf16):
     row = bench.bench_train(run, bf16=bf16, steps=2, warmup=1, device="cpu", peak=small_peak)
     assert TRAIN_KEYS <= set(row)
     assert all(row[k] > 0 for k in TRAIN_KEYS)
-    assert row["dtype"] == ("bf16" if bf16 else "fp32") and row["peak_flops"] == small_peak["flops"][row["dtype"]]
+    assert row["dtype"] == ("bf16" if bf16 else "fp32")
+    # the peak: the sweep given, and sweeps between the timed steps and after them; the MFU is against the best
+    sweeps = row["peak_sweeps"]
+    assert sweeps[0] == small_peak["flops"][row["dtype"]] and len(sweeps) == 4 and min(sweeps) > 0
+    assert row["peak_flops"] == max(sweeps) and row["mfu"] == pytest.approx(row["flops_per_s"] / max(sweeps))
     assert row["samples_per_s"] == pytest.approx(4 / row["step_s"])
     assert row["flops_per_sample"] == bench.model_flops_per_sample(run.model, 6)
     assert "random" in row["inputs"] and row["loss"] > 0
-    assert "samples/s" in bench.format_train([row])
+    assert "samples/s" in bench.format_train([row]) and "the spread of those sweeps" in bench.format_train([row])
 
 
 def test_bench_generate_runs_past_max_seq_len_and_cache_gives_the_same_tokens():
