@@ -30,6 +30,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {  # category -> the words and phrases (s
         "rider", "biker", "cyclist", "pedestrian", "worker", "chef", "cook", "officer", "policeman", "soldier",
         "batter", "catcher", "pitcher", "umpire", "athlete", "spectator", "crowd", "friend",
         "customer", "tourist", "student", "doctor", "groom", "bride", "mother", "father", "son", "daughter",
+        "astronaut", "photographer",
         *(f"{sport} {who}" for sport in SPORTS for who in ("player", "team", "fan")),
     ),
     "bicycle": ("bicycle", "bike", "cycle"),

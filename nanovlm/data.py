@@ -37,6 +37,7 @@ from .files import replace_dir
 
 MIN_SIDE = 8  # pixels; smaller images carry nothing to caption (and 1x1 files are usually broken)
 PAD_COLOR = (0, 0, 0)  # resize="pad" letterboxes with black bars
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera writes when the photo should be shown rotated
 PACKED_FORMAT_VERSION = 2  # bump when the packed layout changes, so old prepared folders are rebuilt
 
 
@@ -184,7 +185,8 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
 
     draft_size lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) that still covers draft_size pixels on
     both sides: much faster for the small sizes we train at. No EXIF rotation is applied: COCO's
-    annotators saw the stored pixel orientation.
+    annotators saw the stored pixel orientation. A photo that asks for one (an EXIF orientation other than 1)
+    says so in the returned image's info["exif_orientation"], so that prepare can count them.
     """
     path = Path(path)
     if not path.is_file():
@@ -207,7 +209,12 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
             img.draft("RGB", (draft_size, draft_size))
         try:
             img.load()
-            return to_rgb(img)
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            rgb = to_rgb(img)
+            if orientation != 1:
+                rgb = rgb.copy() if rgb is img else rgb  # never mark the file's own image object
+                rgb.info["exif_orientation"] = orientation
+            return rgb
         except BadImageError:
             raise
         except Exception as e:  # damaged files surface as OSError, SyntaxError, ValueError, ... in PIL
@@ -235,10 +242,13 @@ def resize_image(img: Image.Image, size: int, resize: str = "crop") -> np.ndarra
 
 
 def _decode_job(job: tuple[str, int, str]) -> tuple[np.ndarray | None, str, str]:
-    """Worker: (pixels, "", "") for a good image, (None, reason, message) for a bad one."""
+    """Worker: (pixels, "", "") for a good image, (pixels, "rotated", path) for a good one whose EXIF asks for
+    a rotation it did not get, (None, reason, message) for a bad one."""
     path, size, resize = job
     try:
-        return resize_image(load_image(path, draft_size=size), size, resize), "", ""
+        img = load_image(path, draft_size=size)
+        rotated = ("rotated", path) if "exif_orientation" in img.info else ("", "")
+        return resize_image(img, size, resize), *rotated
     except BadImageError as e:
         return None, e.reason, str(e)
 
@@ -303,15 +313,22 @@ def _aligned_scenes(root: Path, split: str, image_ids: list) -> dict | None:
 def _write_packed(tmp: Path, results, n: int, size: int) -> tuple[list[int], dict[str, str]]:
     """Stream decoded images into tmp/images.npy; return the kept indices and {file: why} for the rest."""
     full = np.lib.format.open_memmap(tmp / "images.all.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    kept, bad = [], {}
+    kept, bad, rotated = [], {}, []
     for i, (pixels, reason, message) in enumerate(results):
         if pixels is None:
             report(f"warning: skipped {message}")
             bad[message] = reason
             continue
+        if reason == "rotated":
+            rotated.append(message)
         full[len(kept)] = pixels
         kept.append(i)
     full.flush()
+    if rotated:
+        report(
+            f"note: {len(rotated)} photo(s) carry an EXIF orientation and were packed as stored, unrotated (the "
+            f"annotations describe the stored pixels), e.g. {rotated[0]}"
+        )
     if len(kept) == n:
         del full
         os.replace(tmp / "images.all.npy", tmp / "images.npy")

@@ -172,7 +172,8 @@ def run(cfg: RunConfig, fresh: bool = False, report: bool = True) -> Path:
             summary["vqa"] = vqa_report(best, tokenizer, test, splits[cfg.data.train_split].qa or [], limit=1000)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         (out / "report.json").write_text(json.dumps(summary, indent=2))
-        print(format_report(summary, test, cfg.data.test_split))
+        seen = cfg.data.test_split == cfg.data.train_split  # a smoke run may train and report on one split
+        print(format_report(summary, test, cfg.data.test_split, held_out=not seen))
     if dist.is_initialized():
         # Tear down while the interpreter is whole: once every rank is done, free the DDP wrapper (it holds the
         # process group) before destroying the group. Left to interpreter exit, gloo's threads can abort the
@@ -267,21 +268,24 @@ def _targets(scores: dict, targets: list[tuple[str, str, float, bool]]) -> list[
     return lines
 
 
-def format_report(summary: dict, split: PackedSplit, split_name: str, samples: int = 8) -> str:
-    """Sample captions next to the truth, the targets met or missed, then every score vs the blind baseline."""
+def format_report(summary: dict, split: PackedSplit, split_name: str, samples: int = 8, held_out: bool = True) -> str:
+    """Sample captions next to the truth, the targets met or missed, then every score vs the blind baseline.
+
+    held_out=False says that the split is the one the model trained on, where the report's lines name it."""
     lines = []
+    which = "held-out" if held_out else "training (not held out!)"
     if "captions" in summary:
-        lines.append(f"\nCaptions for held-out '{split_name}' images (model, then the truth):")
+        lines.append(f"\nCaptions for {which} '{split_name}' images (model, then the truth):")
         for i in range(min(samples, summary["n_images"])):
             lines.append(f"  {split.file_names[i]}  {summary['captions'][i]}")
             lines.append(f"  {' ' * len(split.file_names[i])}  {split.captions[i][0]}")
     if "vqa" in summary:
         vqa = summary["vqa"]
-        lines.append(f"\n{vqa['n_questions']} questions about held-out '{split_name}' images:")
+        lines.append(f"\n{vqa['n_questions']} questions about {which} '{split_name}' images:")
         lines.append(format_vqa_report(vqa))
     model = summary.get("model", {})
     if "object_f1" in model or "vqa" in summary:
-        lines.append(f"\nTargets on held-out '{split_name}' images:")
+        lines.append(f"\nTargets on {which} '{split_name}' images:")
         lines += _targets(model, TARGETS[:2] if "vqa" in summary else TARGETS)
     if "vqa" in summary:
         lines += _targets(summary["vqa"]["model"], VQA_TARGETS)
@@ -289,7 +293,10 @@ def format_report(summary: dict, split: PackedSplit, split_name: str, samples: i
             {"blind": summary["vqa"]["blind"]["vqa_acc"]}, [("blind", "blind model, all questions", 0.55, False)]
         )
     if model:
-        lines.append(f"\nAll caption scores (blind = the same model shown a blank image):\n{score_table(summary)}")
+        humans = ", humans = each reference against the others" if "humans" in summary else ""
+        lines.append(
+            f"\nAll caption scores (blind = the same model shown a blank image{humans}):\n{score_table(summary)}"
+        )
     lines.append(f"wall time {summary['wall_s']:.0f} s")
     return "\n".join(lines)
 

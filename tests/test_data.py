@@ -311,6 +311,23 @@ def test_image_modes_convert_to_the_right_rgb(tmp_path, img, suffix, expected):
     assert to_rgb(img).mode == "RGB"
 
 
+def test_a_photo_with_an_exif_rotation_is_packed_as_stored_and_counted(tmp_path, capsys):
+    top = Image.new("RGB", (40, 20), (200, 30, 30))
+    top.paste(Image.new("RGB", (40, 10), (30, 30, 200)), (0, 10))  # red above blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "show me turned 90 degrees clockwise"
+    buffer = io.BytesIO()
+    top.save(buffer, "JPEG", exif=exif)
+    write_split(tmp_path, {"000000.jpg": buffer.getvalue(), "000001.png": solid((9, 9, 9), (20, 20))},
+                {"000000.jpg": ["turned"], "000001.png": ["plain"]})  # fmt: skip
+    packed = PackedSplit(prepare(tmp_path, SPLIT, 16))
+    err = capsys.readouterr().err
+    assert "note: 1 photo(s) carry an EXIF orientation and were packed as stored, unrotated" in err
+    assert "000000.jpg" in err and "000001.png" not in err.split("note:")[1]
+    pixels = packed.images[0].astype(int)  # centre crop of the stored pixels: red on top, blue below
+    assert pixels[1, 8, 0] > 150 and pixels[-2, 8, 2] > 150
+
+
 def test_scene_records_and_qa_are_copied_in_packed_order(root):
     os.remove(root / SPLIT / "000004.jpg")  # image id 5 is not packed
     scenes = [{"image_id": i, "objects": [{"shape": "circle", "n": i}]} for i in range(6, 0, -1)]
