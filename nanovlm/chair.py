@@ -93,7 +93,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {  # category -> the words and phrases (s
     "potted plant": ("potted plant", "houseplant", "house plant", "plant"),
     "bed": ("bed",),
     "dining table": ("dining table", "table", "desk"),
-    "toilet": ("toilet", "urinal"),
+    "toilet": ("toilet", "urinal", "toilet seat", "toilet bowl"),
     "tv": ("tv", "television", "tv screen"),
     "laptop": ("laptop", "computer", "notebook computer"),
     "mouse": ("mouse",),
