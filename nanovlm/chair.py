@@ -121,10 +121,10 @@ NO_OBJECT = (
         "field", "game", "uniform", "cap", "court", "match", "diamond", "pitch", "stadium", "net", "park",
         "practice", "outfit", "shoe")),
 )  # fmt: skip
-IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "people", "mice": "mouse",
-             "knives": "knife", "geese": "goose", "oxen": "oxen", "sheep": "sheep", "skis": "skis",
-             "scissors": "scissors", "glasses": "glass", "buses": "bus", "oranges": "oranges"}  # fmt: skip
-NOT_PLURAL = ("bus", "glass", "grass", "dress", "gas", "canvas", "skis", "scissors", "oranges", "this", "is", "was")
+IRREGULAR = {"men": "man", "women": "woman", "children": "child", "mice": "mouse", "knives": "knife",
+             "geese": "goose", "glasses": "glass", "buses": "bus"}  # fmt: skip
+# words that end in s but are the form the word lists use ("people", "skis", "oranges"), or are not plurals
+NOT_PLURAL = ("people", "skis", "scissors", "oranges", "canvas", "this")  # "-ss" and "-us" words are kept anyway
 WORD = re.compile(r"[a-z]+")
 
 
@@ -138,8 +138,6 @@ def singular(word: str) -> str:
         return word[:-3] + "y"
     if word.endswith(("ches", "shes", "xes", "sses")):
         return word[:-2]
-    if word.endswith("ves") and word[:-3] + "fe" in _PHRASES:
-        return word[:-3] + "fe"
     return word[:-1] if word.endswith("s") else word
 
 

@@ -196,8 +196,8 @@ def score_captions(captions: list[str], split: PackedSplit, objects: dict | None
 
 def human_scores(split: PackedSplit, n: int, instances: dict | None = None) -> dict:
     """The first n images' reference captions scored like a model's: each against the others, averaged over which
-    reference is left out; with `instances` (coco_instances), CHAIR against them and the other references too.
-    {} unless every image has at least 2 references."""
+    reference is left out; with `instances` (row -> the categories its instance annotations hold), CHAIR against
+    them and the other references too. {} unless every image has at least 2 references."""
     references = split.captions[:n]
     k = min((len(refs) for refs in references), default=0)
     if k < 2:
@@ -209,8 +209,7 @@ def human_scores(split: PackedSplit, n: int, instances: dict | None = None) -> d
         runs.append(metrics.caption_scores(held, rest))
     scores = {key: sum(r[key] for r in runs) / k for key in runs[0]}
     if instances is not None:
-        rows = {row: instances.get(i, set()) for row, i in enumerate(split.image_ids[:n])}
-        scores.update(chair.human_chair(dict(enumerate(references)), rows))
+        scores.update(chair.human_chair(dict(enumerate(references)), instances))
     return scores
 
 
@@ -231,9 +230,8 @@ def evaluate_split(
         raise ValueError(f"limit {limit}: score at least 1 image, or pass None for the whole split")
     n = min(limit or len(split), len(split))
     qa, too_long = answered(model, tokenizer, split, n) if questions else ([], 0)
-    instances = coco_instances(split)
-    objects = None  # row -> categories, for CHAIR: the instances' and those the references name
-    if instances is not None:
+    instances, rows, objects = coco_instances(split), None, None
+    if instances is not None:  # row -> categories, for CHAIR: the instances' and those the references name
         rows = {row: instances.get(i, set()) for row, i in enumerate(split.image_ids[:n])}
         objects = chair.truth(rows, dict(enumerate(split.captions[:n])))
     result = {"n_images": n, "model": {}, "blind": {}}
@@ -248,7 +246,7 @@ def evaluate_split(
         result[key] = scores
         if key == "model":
             result["captions"] = captions
-    if split.scenes is None and (humans := human_scores(split, n, instances)):
+    if split.scenes is None and (humans := human_scores(split, n, rows)):
         result["humans"] = humans
     return result
 
