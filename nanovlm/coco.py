@@ -303,27 +303,42 @@ def make_laptop_split(root: str | Path, source: str = "val2017", sizes: dict[str
     usable = laptop_order([i for i in images if i in captioned and i not in left_out])
     if len(usable) < sum(sizes.values()):
         raise ValueError(f"{source} has {len(usable)} usable images; the laptop split needs {sum(sizes.values())}")
-    instances_path = ann / f"instances_{source}.json"
-    instances = json.loads(instances_path.read_text(encoding="utf-8")) if instances_path.is_file() else None
     chosen, start = {}, 0
     for name, n in sizes.items():
         chosen[name], start = usable[start : start + n], start + n
-    for name, ids in chosen.items():
-        keep = set(ids)
-        for kind, data in (("captions", captions), ("instances", instances)):
-            if data is not None:
-                part = {**data, "images": [images[i] for i in ids]}
-                part["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-                write_file_atomically(ann / f"{kind}_{name}.json", json.dumps(part))
-        folder = root / name
-        folder.mkdir(exist_ok=True)
-        for i in ids:
-            src, dst = root / source / images[i]["file_name"], folder / images[i]["file_name"]
-            if not dst.exists():
-                try:
-                    os.link(src, dst)
-                except OSError:  # no hard links here (another file system, some network drives): copy
-                    shutil.copyfile(src, dst)
+        write_subset(root, source, name, chosen[name])
     record = {"source": source, "order": "sha256 of each image id's decimal text", **chosen}
     write_file_atomically(ann / "laptop_split.json", json.dumps(record))
     return {name: len(ids) for name, ids in chosen.items()}
+
+
+def write_subset(root: str | Path, source: str, name: str, image_ids: list) -> None:
+    """Make ROOT/NAME a COCO split of its own holding the images image_ids of split SOURCE.
+
+    Writes annotations/captions_NAME.json (and instances_NAME.json when SOURCE has instance annotations)
+    with only those images, and links their files into ROOT/NAME/ (hard links; copies where the file system
+    has none), so `data.prepare(root, NAME, ...)` reads it like any COCO split.
+    """
+    root, ann = Path(root), Path(root) / "annotations"
+    captions = json.loads((ann / f"captions_{source}.json").read_text(encoding="utf-8"))
+    images = {im["id"]: im for im in captions["images"]}
+    unknown = [i for i in image_ids if i not in images]
+    if unknown:
+        raise ValueError(f"{ann / f'captions_{source}.json'}: no image with id {unknown[0]!r}")
+    instances_path = ann / f"instances_{source}.json"
+    instances = json.loads(instances_path.read_text(encoding="utf-8")) if instances_path.is_file() else None
+    keep = set(image_ids)
+    for kind, data in (("captions", captions), ("instances", instances)):
+        if data is not None:
+            part = {**data, "images": [images[i] for i in image_ids]}
+            part["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+            write_file_atomically(ann / f"{kind}_{name}.json", json.dumps(part))
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    for i in image_ids:
+        src, dst = root / source / images[i]["file_name"], folder / images[i]["file_name"]
+        if not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:  # no hard links here (another file system, some network drives): copy
+                shutil.copyfile(src, dst)
