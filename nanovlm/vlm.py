@@ -168,7 +168,7 @@ class VLM(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no_grad, and no autograd bookkeeping either: each small decoding op costs less
     def generate(
         self,
         images: torch.Tensor | None,
