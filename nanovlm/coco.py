@@ -306,39 +306,40 @@ def make_laptop_split(root: str | Path, source: str = "val2017", sizes: dict[str
     chosen, start = {}, 0
     for name, n in sizes.items():
         chosen[name], start = usable[start : start + n], start + n
-        write_subset(root, source, name, chosen[name])
+    write_subsets(root, source, chosen)
     record = {"source": source, "order": "sha256 of each image id's decimal text", **chosen}
     write_file_atomically(ann / "laptop_split.json", json.dumps(record))
     return {name: len(ids) for name, ids in chosen.items()}
 
 
-def write_subset(root: str | Path, source: str, name: str, image_ids: list) -> None:
-    """Make ROOT/NAME a COCO split of its own holding the images image_ids of split SOURCE.
+def write_subsets(root: str | Path, source: str, subsets: dict[str, list]) -> None:
+    """Make each ROOT/NAME of `subsets` (name -> image ids of split SOURCE) a COCO split of its own.
 
     Writes annotations/captions_NAME.json (and instances_NAME.json when SOURCE has instance annotations)
     with only those images, and links their files into ROOT/NAME/ (hard links; copies where the file system
-    has none), so `data.prepare(root, NAME, ...)` reads it like any COCO split.
+    has none), so `data.prepare(root, NAME, ...)` reads it like any COCO split. SOURCE's files are read once.
     """
     root, ann = Path(root), Path(root) / "annotations"
     captions = json.loads((ann / f"captions_{source}.json").read_text(encoding="utf-8"))
     images = {im["id"]: im for im in captions["images"]}
-    unknown = [i for i in image_ids if i not in images]
+    unknown = [i for ids in subsets.values() for i in ids if i not in images]
     if unknown:
         raise ValueError(f"{ann / f'captions_{source}.json'}: no image with id {unknown[0]!r}")
     instances_path = ann / f"instances_{source}.json"
     instances = json.loads(instances_path.read_text(encoding="utf-8")) if instances_path.is_file() else None
-    keep = set(image_ids)
-    for kind, data in (("captions", captions), ("instances", instances)):
-        if data is not None:
-            part = {**data, "images": [images[i] for i in image_ids]}
-            part["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-            write_file_atomically(ann / f"{kind}_{name}.json", json.dumps(part))
-    folder = root / name
-    folder.mkdir(exist_ok=True)
-    for i in image_ids:
-        src, dst = root / source / images[i]["file_name"], folder / images[i]["file_name"]
-        if not dst.exists():
-            try:
-                os.link(src, dst)
-            except OSError:  # no hard links here (another file system, some network drives): copy
-                shutil.copyfile(src, dst)
+    for name, image_ids in subsets.items():
+        keep = set(image_ids)
+        for kind, data in (("captions", captions), ("instances", instances)):
+            if data is not None:
+                part = {**data, "images": [images[i] for i in image_ids]}
+                part["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+                write_file_atomically(ann / f"{kind}_{name}.json", json.dumps(part))
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        for i in image_ids:
+            src, dst = root / source / images[i]["file_name"], folder / images[i]["file_name"]
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:  # no hard links here (another file system, some network drives): copy
+                    shutil.copyfile(src, dst)

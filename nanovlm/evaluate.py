@@ -179,6 +179,16 @@ def coco_instances(split: PackedSplit) -> dict | None:
     return chair.read_instances(path) if path.is_file() else None
 
 
+def coco_truth(split: PackedSplit, n: int) -> tuple[dict | None, dict | None]:
+    """For CHAIR on the first n images of a COCO split: (row -> the categories its instance annotations hold,
+    row -> those plus the categories its references name); (None, None) for a split without instances."""
+    instances = coco_instances(split)
+    if instances is None:
+        return None, None
+    rows = {row: instances.get(i, set()) for row, i in enumerate(split.image_ids[:n])}
+    return rows, chair.truth(rows, dict(enumerate(split.captions[:n])))
+
+
 def score_captions(captions: list[str], split: PackedSplit, objects: dict | None = None) -> dict:
     """Scores of captions for the first len(captions) images: BLEU/CIDEr, grounded scores on scenes, and COCO's
     CHAIR when `objects` gives each image's categories (row -> set, as evaluate_split builds it)."""
@@ -230,10 +240,7 @@ def evaluate_split(
         raise ValueError(f"limit {limit}: score at least 1 image, or pass None for the whole split")
     n = min(limit or len(split), len(split))
     qa, too_long = answered(model, tokenizer, split, n) if questions else ([], 0)
-    instances, rows, objects = coco_instances(split), None, None
-    if instances is not None:  # row -> categories, for CHAIR: the instances' and those the references name
-        rows = {row: instances.get(i, set()) for row, i in enumerate(split.image_ids[:n])}
-        objects = chair.truth(rows, dict(enumerate(split.captions[:n])))
+    rows, objects = coco_truth(split, n)  # row -> categories, for CHAIR
     result = {"n_images": n, "model": {}, "blind": {}}
     for key, blind in (("model", False), ("blind", True)):
         if blind and not blind_baseline:

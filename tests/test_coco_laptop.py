@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nanovlm.__main__ import main
-from nanovlm.coco import laptop_order, make_laptop_split, write_subset
+from nanovlm.coco import laptop_order, make_laptop_split, write_subsets
 from nanovlm.data import PackedSplit, prepare
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-sample"
@@ -53,15 +53,14 @@ def test_the_split_is_disjoint_recorded_and_packs_like_any_coco_split(root):
 def test_a_subset_of_chosen_photos_is_a_split_of_its_own(root):
     """What notebook 11 does to hold one photo out: the others in one split, that photo alone in another."""
     ids = [im["id"] for im in json.loads((root / "annotations" / "captions_val2017.json").read_text())["images"]]
-    write_subset(root, "val2017", "without-first", ids[1:])
-    write_subset(root, "val2017", "only-first", ids[:1])
+    write_subsets(root, "val2017", {"without-first": ids[1:], "only-first": ids[:1]})
     rest, alone = PackedSplit(prepare(root, "without-first", 32)), PackedSplit(prepare(root, "only-first", 32))
     assert alone.image_ids == ids[:1] and sorted(rest.image_ids) == sorted(ids[1:])
     instances = json.loads((root / "annotations" / "instances_only-first.json").read_text())
     assert [im["id"] for im in instances["images"]] == ids[:1]
     assert instances["annotations"] and {a["image_id"] for a in instances["annotations"]} == {ids[0]}
     with pytest.raises(ValueError, match="captions_val2017.json: no image with id 12345678"):
-        write_subset(root, "val2017", "nothing", [12345678])
+        write_subsets(root, "val2017", {"nothing": [12345678]})
 
 
 def test_a_photo_missing_on_disk_is_left_out_and_named(root, capsys):
