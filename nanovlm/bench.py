@@ -66,8 +66,8 @@ def model_flops_per_sample(cfg: VLMConfig, text_len: int) -> int:
       + backward per sequence, for the ViT (S = N patches) and the decoder (S = N_img + T) separately.
       The causal decoder is counted over the whole S x S square, as PaLM's MFU does.
     Early fusion has no ViT and its projector reads raw patches. Cross fusion has no projector and no image
-    positions in the decoder (S = T); its resampler's L latents read the N patches (queries on L, keys and
-    values on N + L), and each gated layer's T text queries read the L latents (keys and values on L).
+    positions in the decoder (S = T); its resampler's L latents read the N / s^2 merged patches (queries on L,
+    keys and values on N / s^2 + L), and each gated layer's T text queries read the L latents (keys and values on L).
     Not counted: layer norms, GELU, softmax, embedding look-ups, cross-entropy and the optimizer
     update (AdamW is elementwise; Muon's Newton-Schulz products act on the weights, once per step, not per
     sample), nor that the images need no input gradient. The count assumes every
@@ -92,10 +92,11 @@ def model_flops_per_sample(cfg: VLMConfig, text_len: int) -> int:
         x = cfg.cross
         d, L, mlp = x.dim, x.n_latents, 2 * x.mlp_ratio * x.dim * x.dim
         n_x = n_cross_layers(dec.n_layers, x.every)
-        matmuls += n_patches * x.vision_dim * d  # into the latents' width
-        matmuls += x.resampler_layers * (L * (2 * d * d + mlp) + (n_patches + L) * 2 * d * d)
+        n_feat = n_patches // x.pixel_shuffle**2  # merged s x s, each vision_dim wide
+        matmuls += n_feat * x.vision_dim * d  # into the latents' width
+        matmuls += x.resampler_layers * (L * (2 * d * d + mlp) + (n_feat + L) * 2 * d * d)
         matmuls += n_x * (text_len * (2 * d * d + mlp) + L * 2 * d * d)
-        attention += x.resampler_layers * L * (n_patches + L) * d + n_x * text_len * L * d
+        attention += x.resampler_layers * L * (n_feat + L) * d + n_x * text_len * L * d
     return 6 * matmuls + 12 * attention
 
 

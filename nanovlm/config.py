@@ -172,7 +172,7 @@ class RunConfig:
         m.vit.image_size = d.image_size
         m.projector.in_dim = m.patch_values if m.fusion == "early" else m.vit.dim
         m.projector.out_dim = m.decoder.dim
-        m.cross.vision_dim, m.cross.dim = m.vit.dim, m.decoder.dim
+        m.cross.vision_dim, m.cross.dim = m.vit.dim * m.cross.pixel_shuffle**2, m.decoder.dim
         if vocab_size is not None:
             m.decoder.vocab_size = vocab_size
         for cfg in (self.train, d, m.vit, m.projector, m.decoder, m.cross):
@@ -185,9 +185,10 @@ class RunConfig:
                 f"it has {', '.join(m.parts)}"
             )
         side = m.vit.image_size // m.vit.patch_size  # patches along each side of the image
-        if m.fusion != "cross" and side % m.projector.pixel_shuffle:
+        merge = m.cross.pixel_shuffle if m.fusion == "cross" else m.projector.pixel_shuffle
+        if side % merge:
             raise ValueError(
-                f"pixel_shuffle {m.projector.pixel_shuffle} does not divide the patch grid: image_size "
+                f"pixel_shuffle {merge} does not divide the patch grid: image_size "
                 f"{m.vit.image_size} / patch_size {m.vit.patch_size} = {side} patches a side"
             )
         m.decoder.max_seq_len = m.n_image_tokens + d.max_text_len
@@ -222,7 +223,9 @@ def _scenes() -> RunConfig:
             vit=ViTConfig(patch_size=4, dim=64, n_layers=2, n_heads=1),
             projector=ProjectorConfig(in_dim=64, out_dim=128, pixel_shuffle=4),
             decoder=DecoderConfig(dim=128, n_layers=4, n_heads=4),
-            cross=CrossAttentionConfig(every=2),  # --fusion cross: a gated layer before blocks 0 and 2
+            # --fusion cross: a gated layer before blocks 0 and 2; the resampler reads the same 16 merged squares
+            # the projector does, and each latent starts from one of them
+            cross=CrossAttentionConfig(every=2, pixel_shuffle=4, region_latents=True),
         ),
         train=TrainConfig(
             max_steps=1600,
@@ -451,13 +454,15 @@ COMPONENT_HELP = {
         "fusion": 'how the image joins the text: "prefix" (LLaVA), "cross" (Flamingo) or "early" (no ViT)',
     },
     CrossAttentionConfig: {
-        "vision_dim": "width of the vision encoder's outputs",
+        "vision_dim": "width of each feature the resampler reads: the vision encoder's, times s^2 merged",
         "dim": "width of the language model (and of the latents)",
         "n_heads": "attention heads (dim must divide by it)",
         "n_latents": "L: image vectors the text can read, whatever the number of patches",
         "resampler_layers": "Perceiver blocks the latents pass through",
         "every": "a gated cross-attention layer before every `every`-th decoder block, from the first",
         "mlp_ratio": "hidden width of each MLP is mlp_ratio * dim",
+        "pixel_shuffle": "s: the model merges s x s neighbouring patches into one feature first (1 = off)",
+        "region_latents": "each latent starts from one region of the image, not from a learned vector alone",
     },
     DecoderConfig: {
         "vocab_size": "number of token ids (BPE ranks + special tokens)",

@@ -20,6 +20,11 @@ The Perceiver resampler turns any number of image features into a fixed number L
 vectors attend to the features (and to themselves), then pass an MLP, a few times over. The language model
 then pays for L keys per cross-attention, whatever the image's resolution.
 
+Learned latents are the same for every image, so at the start each one reads a blend of the whole picture:
+what is there survives, where it is mostly does not. With region_latents each latent also starts from one
+region of the image (the features average-pooled onto a sqrt(L) x sqrt(L) grid), so latent r is about
+region r from the first step and the text can ask where things are, as prefix fusion's image tokens let it.
+
 This file imports only torch and einops, so it can be copied alone into another project; that is why its MLP
 is a copy of the one in vit.py and decoder.py.
 """
@@ -35,20 +40,27 @@ from einops import rearrange
 
 @dataclass
 class CrossAttentionConfig:
-    vision_dim: int = 128  # width of the vision encoder's outputs
+    vision_dim: int = 128  # width of each feature the resampler reads: the vision encoder's, times s^2 merged
     dim: int = 128  # width of the language model (and of the latents)
     n_heads: int = 4  # attention heads (dim must divide by it)
     n_latents: int = 16  # L: image vectors the text can read, whatever the number of patches
     resampler_layers: int = 1  # Perceiver blocks the latents pass through
     every: int = 1  # a gated cross-attention layer before every `every`-th decoder block, from the first
     mlp_ratio: int = 4  # hidden width of each MLP is mlp_ratio * dim
+    pixel_shuffle: int = 1  # s: the model merges s x s neighbouring patches into one feature first (1 = off)
+    region_latents: bool = False  # each latent starts from one region of the image, not from a learned vector alone
 
     def __post_init__(self) -> None:
-        for name in ("vision_dim", "dim", "n_heads", "n_latents", "resampler_layers", "every", "mlp_ratio"):
+        names = ("vision_dim", "dim", "n_heads", "n_latents", "resampler_layers", "every", "mlp_ratio", "pixel_shuffle")
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"cross-attention {name} must be at least 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"cross-attention dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.region_latents and math.isqrt(self.n_latents) ** 2 != self.n_latents:
+            raise ValueError(
+                f"region_latents lay the latents on a square grid; n_latents {self.n_latents} is not a square"
+            )
 
 
 class CrossAttention(nn.Module):
@@ -135,9 +147,21 @@ class PerceiverResampler(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = self.in_proj(features)  # (B, N, D)
         latents = self.latents.expand(features.size(0), -1, -1)  # (B, L, D)
+        if self.cfg.region_latents:
+            latents = latents + regions(features, self.cfg.n_latents)
         for block in self.blocks:
             latents = block(latents, features)
         return self.ln_f(latents)
+
+
+def regions(features: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N, D) features of a square grid of patches, row by row -> (B, n, D) averages over a sqrt(n) x sqrt(n)
+    grid of regions of the image, row by row."""
+    side = math.isqrt(features.size(1))
+    if side * side != features.size(1):
+        raise ValueError(f"region latents need features on a square grid of patches; got {features.size(1)}")
+    grid = rearrange(features, "b (h w) d -> b d h w", h=side)
+    return rearrange(F.adaptive_avg_pool2d(grid, math.isqrt(n)), "b d h w -> b (h w) d")
 
 
 def n_cross_layers(n_decoder_layers: int, every: int) -> int:

@@ -139,8 +139,11 @@ def word_attention(
     patches, so the grid is s times coarser than the patch grid.
 
     With cross fusion the words read latents, not patches: maps[l, i] is then gated cross-attention layer
-    l's weights on the latents, carried to the g x g patch grid through the resampler's last attention
-    (each latent's weights on the patches), so each map sums to 1 less what the latents gave each other.
+    l's weights on the latents, carried to the g x g grid of the features the resampler reads through its last
+    attention (each latent's weights on the features: patches, or s x s squares of them with the cross
+    pixel_shuffle s), so each map sums to 1 less what the latents gave each other. With region latents
+    (latent r starts from region r of a sqrt(L) x sqrt(L) grid) maps[l, i] is the weights on the latents
+    themselves, laid out on that grid: which regions' latents the word read, each map summing to 1.
     How much a layer's reading counts is its gate, tanh(attn_gate), which the weights do not show.
     """
     model.eval()
@@ -164,8 +167,11 @@ def word_attention(
             attn.keep_weights = False
     first = model.cfg.n_image_tokens + prompt.size(1) - 1  # the position that predicts the first new token
     rows = torch.arange(first, first + len(new), device=device)
-    if cross:
-        N = model.cfg.vit.n_patches
+    if cross and model.cfg.cross.region_latents:
+        N = model.cfg.cross.n_latents
+        maps = torch.stack([attn.weights[0].mean(0)[rows] for attn in layers])  # (L_x, n_words, L)
+    elif cross:
+        N = model.cfg.vit.n_patches // model.cfg.cross.pixel_shuffle**2
         to_patches = model.resampler.blocks[-1].attn.weights[0].mean(0)[:, :N]  # (L, N): each latent's patches
         maps = torch.stack([attn.weights[0].mean(0)[rows] @ to_patches for attn in layers])  # (L_x, n_words, N)
     else:
@@ -211,7 +217,7 @@ def plot_word_attention(
     which = "averaged over layers" if layer is None else f"{kind} {layer}"
     fig.suptitle(f"Where each generated word looked in the image ({which}, mean over heads)")
     g = maps.shape[2]
-    squares = f"{g}x{g} patches, reached through the latents," if cross else f"{g}x{g} image tokens,"
+    squares = f"{g}x{g} squares of the image, reached through the latents," if cross else f"{g}x{g} image tokens,"
     fig.supxlabel(f"each square is one of {squares} covering {H // g}x{W // g} pixels", fontsize=9)
     return _finish(fig, path)
 

@@ -5,7 +5,8 @@
                                                                +-> [image tokens | text tokens] -> decoder -> logits
         text  -> token ids -> token embeddings (B, T, D) -----+
     cross (Flamingo):
-        image -> ViT -> Perceiver resampler -> latents (B, L, D) ...> read by gated cross-attention in the decoder
+        image -> ViT -> (pixel shuffle) -> Perceiver resampler -> latents (B, L, D) ...> read by gated
+                                                                   cross-attention layers in the decoder
         text  -> token embeddings (B, T, D) -> decoder -> logits      (the decoder's sequence is the text alone)
     early (no vision tower, as in Fuyu):
         image -> patches -> projector -> image tokens (B, N, D) -> [image tokens | text tokens] -> decoder -> logits
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from .checkpoint import check_folder, first_line, read_json, read_tokenizer, read_weights, save_folder
 from .cross_attention import CrossAttentionConfig, GatedCrossAttentionBlock, PerceiverResampler, n_cross_layers
 from .decoder import Decoder, DecoderConfig, KVCache
-from .projector import Projector, ProjectorConfig
+from .projector import Projector, ProjectorConfig, pixel_shuffle
 from .tokenizer import Tokenizer
 from .vit import ViT, ViTConfig, patchify
 
@@ -54,10 +55,12 @@ class VLMConfig:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} is unknown; choose one of {', '.join(FUSIONS)}")
         if self.fusion == "cross":
-            if self.cross.vision_dim != self.vit.dim or self.cross.dim != self.decoder.dim:
+            merged = self.vit.dim * self.cross.pixel_shuffle**2  # a feature holds s x s patches
+            if self.cross.vision_dim != merged or self.cross.dim != self.decoder.dim:
                 raise ValueError(
                     f"cross-attention reads {self.cross.vision_dim}-wide features into a {self.cross.dim}-wide "
-                    f"decoder, but the ViT is {self.vit.dim} wide and the decoder {self.decoder.dim}; make them match"
+                    f"decoder, but the ViT's features, merged {self.cross.pixel_shuffle} x {self.cross.pixel_shuffle}, "
+                    f"are {merged} wide and the decoder {self.decoder.dim}; make them match"
                 )
             return
         # early fusion: the projector reads raw patches, there is no ViT
@@ -129,7 +132,9 @@ class VLM(nn.Module):
                 raise ValueError(f"expected images of shape (B, {channels}, {size}, {size}), got {tuple(images.shape)}")
             return self.projector(patchify(images * 2 - 1, self.cfg.vit.patch_size))  # pixels centred on 0
         features = self.vit(images)  # (B, N_patches, D_vision)
-        return self.resampler(features) if self.cfg.fusion == "cross" else self.projector(features)
+        if self.cfg.fusion == "cross":
+            return self.resampler(pixel_shuffle(features, self.cfg.cross.pixel_shuffle))
+        return self.projector(features)
 
     def sequence(self, image: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
         """The decoder's input: [image tokens | text] for prefix and early fusion, the text alone otherwise."""

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -16,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nanovlm import bench
 from nanovlm.chat import Chat
 from nanovlm.config import TrainConfig, apply_overrides, get_preset
-from nanovlm.cross_attention import CrossAttentionConfig, GatedCrossAttentionBlock, PerceiverResampler
+from nanovlm.cross_attention import CrossAttentionConfig, GatedCrossAttentionBlock, PerceiverResampler, regions
 from nanovlm.decoder import Decoder, DecoderConfig
 from nanovlm.pipeline import start_from
 from nanovlm.projector import ProjectorConfig
@@ -30,21 +31,27 @@ V = 280  # the smallest vocabulary a byte-level tokenizer allows, and a few merg
 TOK = Tokenizer.train(["what colour is it?", "how many?", "a red circle"] * 3, vocab_size=V)
 
 
-def tiny_config(fusion: str, vocab_size: int = V, every: int = 1) -> VLMConfig:
+def tiny_config(fusion: str, vocab_size: int = V, every: int = 1, regions: bool = False) -> VLMConfig:
+    """regions: cross fusion as the scenes preset has it, the resampler reading 2 x 2 merged patches into
+    latents that start from the image's regions."""
     vit = ViTConfig(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=4)
     in_dim = vit.patch_size**2 * 3 if fusion == "early" else vit.dim
+    cross = CrossAttentionConfig(vision_dim=32, dim=48, n_heads=4, n_latents=5, every=every)
+    if regions:
+        cross = CrossAttentionConfig(vision_dim=32 * 4, dim=48, n_heads=4, n_latents=4, every=every, pixel_shuffle=2,
+                                     region_latents=True)  # fmt: skip
     return VLMConfig(
         vit=vit,
         projector=ProjectorConfig(in_dim=in_dim, out_dim=48, pixel_shuffle=2),
         decoder=DecoderConfig(vocab_size=vocab_size, max_seq_len=40, dim=48, n_layers=3, n_heads=4),
         fusion=fusion,
-        cross=CrossAttentionConfig(vision_dim=32, dim=48, n_heads=4, n_latents=5, every=every),
+        cross=cross,
     )
 
 
-def tiny_model(fusion: str, vocab_size: int = V, every: int = 1) -> VLM:
+def tiny_model(fusion: str, vocab_size: int = V, every: int = 1, regions: bool = False) -> VLM:
     torch.manual_seed(0)
-    model = VLM(tiny_config(fusion, vocab_size, every)).eval()
+    model = VLM(tiny_config(fusion, vocab_size, every, regions)).eval()
     if fusion == "cross":  # open the gates, so that the image changes what the text computes
         for block in model.xattn:
             block.attn_gate.data.fill_(0.7)
@@ -100,15 +107,43 @@ def test_resampler_gives_the_same_number_of_latents_for_any_number_of_patches():
         assert resampler(torch.randn(3, n, 12)).shape == (3, 6, 16)
 
 
+def test_region_latents_start_from_the_image_regions_and_so_know_where_things_are():
+    # 16 features of a 4 x 4 grid pooled onto 2 x 2 regions: region 0 is the top left 2 x 2 square
+    features = torch.randn(2, 16, 8)
+    grid = features.view(2, 4, 4, 8)
+    assert torch.allclose(regions(features, 4)[:, 0], grid[:, :2, :2].mean((1, 2)), atol=1e-6)
+    assert torch.allclose(regions(features, 4)[:, 3], grid[:, 2:, 2:].mean((1, 2)), atol=1e-6)
+    assert torch.equal(regions(features, 16), features)  # one latent per feature: each starts as its own
+    # learned latents read the features as a set, so swapping two patches changes nothing; region latents see it
+    torch.manual_seed(0)
+    swapped = features[:, [15, *range(1, 15), 0]]
+    for region_latents, moved in ((False, False), (True, True)):
+        cfg = CrossAttentionConfig(vision_dim=8, dim=16, n_heads=2, n_latents=4, region_latents=region_latents)
+        resampler = PerceiverResampler(cfg)
+        assert (not torch.allclose(resampler(features), resampler(swapped), atol=1e-5)) == moved
+    with pytest.raises(ValueError, match=r"region latents need features on a square grid of patches; got 7"):
+        resampler(torch.randn(1, 7, 8))
+    with pytest.raises(ValueError, match=r"n_latents 8 is not a square"):
+        CrossAttentionConfig(n_latents=8, region_latents=True)
+
+
+def test_cross_pixel_shuffle_merges_patches_before_the_resampler():
+    model = tiny_model("cross", regions=True)  # 4 x 4 patches merged 2 x 2: the resampler reads 4 features
+    seen = []
+    model.resampler.in_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    assert model.image_tokens(torch.rand(2, 3, 32, 32)).shape == (2, 4, 48)
+    assert seen == [(2, 4, 32 * 4)]
+
+
 def test_gated_block_is_the_identity_with_shut_gates():
     block = GatedCrossAttentionBlock(CrossAttentionConfig(vision_dim=16, dim=16, n_heads=2))
     x = torch.randn(2, 5, 16)
     assert torch.equal(block(x, torch.randn(2, 3, 16)), x)
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", [*FUSIONS, "cross-regions"])
 def test_cached_generation_equals_recomputation(fusion):
-    model = tiny_model(fusion)
+    model = tiny_model(fusion.removesuffix("-regions"), regions=fusion.endswith("-regions"))
     images, prompt = torch.rand(3, 3, 32, 32), torch.randint(V, (3, 2))
     cached = model.generate(images, prompt, 12, eot=-1)
     assert cached == model.generate(images, prompt, 12, eot=-1, use_cache=False)
@@ -130,13 +165,13 @@ def test_a_chat_with_its_cache_answers_as_recomputation_does(fusion):
     assert answers == expected
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", [*FUSIONS, "cross-regions"])
 def test_save_and_load_rebuild_the_same_fusion(fusion, tmp_path):
-    model = tiny_model(fusion)
+    model = tiny_model(fusion.removesuffix("-regions"), regions=fusion.endswith("-regions"))
     tok = TOK
     model.save(tmp_path / "m", tok)
     loaded, _ = VLM.load(tmp_path / "m")
-    assert loaded.cfg == model.cfg and loaded.cfg.fusion == fusion
+    assert loaded.cfg == model.cfg and loaded.cfg.fusion == fusion.removesuffix("-regions")
     images, ids = torch.rand(2, 3, 32, 32), torch.randint(V, (2, 6))
     assert torch.equal(loaded(images, ids)[0], model(images, ids)[0])
 
@@ -156,7 +191,7 @@ def test_fusion_flag_builds_each_model_and_checks_its_components():
     for fusion in FUSIONS:
         run = apply_overrides(get_preset("scenes"), {"fusion": fusion})
         assert run.model.fusion == fusion
-    cross = apply_overrides(get_preset("scenes"), {"fusion": "cross", "cross-n-latents": "8", "cross-every": "2"})
+    cross = apply_overrides(get_preset("scenes"), {"fusion": "cross", "cross-n-latents": "9", "cross-every": "2"})
     assert cross.model.decoder.max_seq_len == cross.data.max_text_len  # the image takes no positions
     early = apply_overrides(get_preset("scenes"), {"fusion": "early"})
     assert early.model.projector.in_dim == 4 * 4 * 3  # raw patches of the preset's 4 px
@@ -164,6 +199,10 @@ def test_fusion_flag_builds_each_model_and_checks_its_components():
         apply_overrides(get_preset("scenes"), {"fusion": "late"})
     with pytest.raises(ValueError, match=r"train names xattn, which a model with prefix fusion does not have"):
         apply_overrides(get_preset("scenes"), {"train": "xattn"})
+    with pytest.raises(ValueError, match=r"^--cross-n-latents 8: region_latents lay the latents on a square grid"):
+        apply_overrides(get_preset("scenes"), {"fusion": "cross", "cross-n-latents": "8"})
+    with pytest.raises(ValueError, match=r"^--cross-pixel-shuffle 3: pixel_shuffle 3 does not divide the patch grid"):
+        apply_overrides(get_preset("scenes"), {"fusion": "cross", "cross-pixel-shuffle": "3"})
     with pytest.raises(ValueError, match=r"--cross-dim 64: --decoder-dim sets it"):
         apply_overrides(get_preset("scenes"), {"fusion": "cross", "cross-dim": "64"})
 
@@ -194,9 +233,9 @@ def test_a_checkpoint_of_one_fusion_is_refused_with_flags_of_another(tmp_path):
         trainer.resume(tmp_path / "run" / "last")
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", [*FUSIONS, "cross-regions"])
 def test_flop_count_equals_torchs_count_of_a_forward_pass(fusion):
-    cfg = tiny_config(fusion, every=2)
+    cfg = tiny_config(fusion.removesuffix("-regions"), every=2, regions=fusion.endswith("-regions"))
     model, T = VLM(cfg), 7
     # the math backend writes attention as matmuls, which the counter sees (the fused kernel it does not count)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -242,6 +281,9 @@ def test_cross_attention_maps_reach_the_patch_grid():
     assert maps.shape == (len(model.xattn), len(words), 4, 4)  # one map per gated layer, on the 4 x 4 patch grid
     # each word's weights over the latents sum to 1, and each latent gives part of its weight to the other latents
     assert ((maps.sum(axis=(2, 3)) > 0) & (maps.sum(axis=(2, 3)) <= 1 + 1e-5)).all()
+    # with region latents a word's weights on the latents are its map: 4 latents, the image's 2 x 2 regions
+    words, maps = word_attention(tiny_model("cross", regions=True), TOK, image, max_new_tokens=4)
+    assert maps.shape == (3, len(words), 2, 2) and np.allclose(maps.sum(axis=(2, 3)), 1, atol=1e-5)
 
 
 def test_the_trainer_logs_the_gates_and_plot_gates_draws_them(tmp_path):
@@ -282,5 +324,5 @@ def test_a_prefix_folder_saved_before_fusions_still_matches_the_run_that_made_it
     start_from(VLM(run.model), str(tmp_path / "m"), TOK)  # refused before: "another configuration"
     assert VLM.load(tmp_path / "m")[0].cfg == run.model
     cross = apply_overrides(get_preset("scenes"), {"fusion": "cross"}).model
-    other = apply_overrides(get_preset("scenes"), {"fusion": "cross", "cross-n-latents": "8"}).model
+    other = apply_overrides(get_preset("scenes"), {"fusion": "cross", "cross-n-latents": "9"}).model
     assert cross != other  # for cross fusion the settings do count
