@@ -221,7 +221,14 @@ def make_trainer(
     if real_data:
         split, tokenizer = prepared_train_split(run)
         run.finalize(vocab_size=tokenizer.vocab_size)
-        batches = Loader(split, tokenizer, run.train.batch_size, run.data.max_text_len, task=run.train.task)
+        batches = Loader(
+            split,
+            tokenizer,
+            run.train.batch_size,
+            run.data.max_text_len,
+            task=run.train.task,
+            pairs=run.train.text_pairs,
+        )
         inputs = f"{split.dir} via loader.Loader"
     else:
         batches = Cycle(random_batches(run))  # made once, so making them is not timed

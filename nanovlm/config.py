@@ -100,6 +100,9 @@ class TrainConfig:
     init_vision: str = setting("", "a CLIP checkpoint folder whose ViT the captioner starts from; empty = random")
     first_caption_prob: float = setting(0.0, "chance of the dataset's first (canonical) caption; 0 = uniform")
     caption_prob: float = setting(0.5, "instruct stage: share of images shown with a caption, the rest with a chat")
+    text_pairs: bool = setting(
+        False, "text stage: each caption follows another of its image, so the decoder learns to read what precedes it"
+    )
     out: str = setting("runs/scenes", "where checkpoints and logs go")
 
     def __post_init__(self) -> None:
@@ -108,6 +111,8 @@ class TrainConfig:
         unknown = set(self.train) - COMPONENTS
         if unknown:
             raise ValueError(f"train names unknown components {sorted(unknown)}; use {', '.join(sorted(COMPONENTS))}")
+        if self.text_pairs and self.stage != "text":
+            raise ValueError(f"text_pairs shapes the text stage's samples; stage {self.stage!r} has none")
         if (self.init_vision or self.init_from) and self.stage == "clip":
             raise ValueError("init_vision and init_from start a captioner; stage clip trains a contrastive model")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "eval_batches"):

@@ -35,14 +35,17 @@ class Loader:
     """Deterministic, resumable batches from a PackedSplit, forever (epoch after epoch).
 
     An item is an image ("caption": one of its captions drawn at random, anew each epoch), a caption
-    ("text": every caption once per epoch; the batch carries its image too, which the model ignores),
+    ("text": every caption once per epoch; the batch carries its image too, which the model ignores; with
+    pairs, an image whose drawn caption follows another of its captions, so that a decoder trained on text
+    alone learns to use what comes before it),
     a question/answer pair ("qa"), or an image shown either with a caption or with a chat of several of
     its questions ("chat": caption_prob is the chance of a caption, anew each epoch). Epoch e visits the
     items in the order of a permutation drawn from np.random.default_rng((seed, e)); the stream of all
     epochs is cut into global batches of batch_size * world_size items that run across epoch boundaries
     (nothing is dropped), and rank r gets the r-th slice. Batch k is therefore a pure function of (seed, k).
 
-    Token layout: the sequence is <|image|> caption <|endoftext|>, or <|image|> followed by turns
+    Token layout: the sequence is <|image|> caption <|endoftext|> (with pairs, <|image|> caption caption
+    <|endoftext|>, the first one cut short if both do not fit), or <|image|> followed by turns
     <|user|> question <|assistant|> answer <|endoftext|> (one for "qa", as many as fit for "chat", in an
     order drawn anew each epoch); input_ids are its first T tokens, targets the next T, with -100 on
     padding and on the questions: only captions, answers and the end tokens after them carry a loss.
@@ -63,6 +66,7 @@ class Loader:
         world_size: int = 1,
         first_caption_prob: float | None = None,
         caption_prob: float = 0.5,
+        pairs: bool = False,
     ):
         if task not in TASKS:
             raise ValueError(f"task={task!r}; use one of {TASKS}")
@@ -78,6 +82,9 @@ class Loader:
         if not 0.0 <= caption_prob <= 1.0:
             raise ValueError(f"caption_prob={caption_prob} must be in [0, 1]")
         self.first_caption_prob, self.caption_prob = first_caption_prob, caption_prob
+        if pairs and task != "text":
+            raise ValueError(f"pairs=True puts one caption before another in task 'text', not {task!r}")
+        self.pairs = pairs
         self.step = 0
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if task == "qa":
@@ -101,7 +108,7 @@ class Loader:
         self.prompt_lengths = np.ones(len(seqs), dtype=np.int64)  # just <|image|>
         self.first_caption = np.cumsum(counts) - counts  # token row of each image's caption 0
         self.caption_counts = counts
-        if self.task in ("caption", "chat"):  # items are images; their caption is drawn per epoch
+        if self.task in ("caption", "chat") or self.pairs:  # items are images; their caption is drawn per epoch
             self.item_rows = np.arange(len(counts))
         else:  # items are captions
             self.item_rows = np.repeat(np.arange(len(counts)), counts)
@@ -138,22 +145,27 @@ class Loader:
                 "an answered question, so a chat has nothing to show with it"
             )
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(order of items, token row of each item, chat or caption per item, sort key per chat turn) for one
-        epoch; the last two are None except for task "chat". The last two epochs are cached."""
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """(order of items, token row of each item, chat or caption per item, sort key per chat turn, token row
+        of the caption read first or -1) for one epoch; the third and fourth are None except for task "chat",
+        the last except with pairs. The last two epochs are cached."""
         if epoch not in self._epochs:
             rng = np.random.default_rng((self.seed, epoch))
             order = rng.permutation(self.n_items)
-            chat = keys = None
-            if self.task in ("caption", "chat"):
+            chat = keys = before = None
+            if self.task in ("caption", "chat") or self.pairs:
                 rows = self.first_caption + self._draw_captions(rng.random(self.n_items))
             else:
                 rows = np.arange(self.n_items)
+            if self.pairs:  # the caption read first: any other of the image's captions (none if it has one)
+                n = self.caption_counts
+                other = (rows - self.first_caption + 1 + (rng.random(self.n_items) * (n - 1)).astype(np.int64)) % n
+                before = np.where(n > 1, self.first_caption + other, -1)
             if self.task == "chat":  # drawn after the captions, so a chat run sees the caption run's captions
                 has_turns = np.diff(self.turn_start) > 0
                 chat = ((rng.random(self.n_items) >= self.caption_prob) | (self.caption_counts == 0)) & has_turns
                 keys = rng.random(len(self.turns))
-            self._epochs[epoch] = (order, rows, chat, keys)
+            self._epochs[epoch] = (order, rows, chat, keys, before)
             if len(self._epochs) > 2:  # forget the epoch computed longest ago
                 del self._epochs[next(iter(self._epochs))]
         return self._epochs[epoch]
@@ -170,6 +182,13 @@ class Loader:
             loss.append(self.turn_loss[t])
             length += len(self.turns[t])
         return np.concatenate(seq)[: self.max_len + 1], np.concatenate(loss)[: self.max_len + 1]
+
+    def _pair(self, first: int, row: int) -> np.ndarray:
+        """<|image|> caption `first` caption `row` <|endoftext|>: the first one cut short if both do not fit."""
+        caption = self.tokens[row, 1 : self.lengths[row]]  # with its end token
+        room = max(self.max_len - len(caption), 0)
+        before = self.tokens[first, 1 : self.lengths[first] - 1][:room]  # without its end token
+        return np.concatenate([self.tokens[row, :1], before, caption])[: self.max_len + 1]
 
     def _draw_captions(self, u: np.ndarray) -> np.ndarray:
         """Caption index per image from uniforms u in [0, 1): uniform, or 0 with first_caption_prob."""
@@ -189,17 +208,21 @@ class Loader:
         token_rows = np.empty(self.batch_size, dtype=np.int64)
         image_rows = np.empty(self.batch_size, dtype=np.int64)
         chats = []  # (batch index, image row, turn keys) of the items shown with a chat
+        paired = []  # (batch index, token row of the caption read first) with pairs
         for epoch in np.unique(epochs):
-            order, rows, chat, keys = self._epoch(int(epoch))
+            order, rows, chat, keys, before = self._epoch(int(epoch))
             here = epochs == epoch
             items = order[offsets[here]]
             token_rows[here], image_rows[here] = rows[items], self.item_rows[items]
             if chat is not None:
                 shown = zip(np.flatnonzero(here), items, strict=True)
                 chats += [(i, self.item_rows[item], keys) for i, item in shown if chat[item]]
+            if before is not None:
+                shown = zip(np.flatnonzero(here), before[items], strict=True)
+                paired += [(i, int(row)) for i, row in shown if row >= 0]
 
         listed = np.ones(self.batch_size, dtype=bool)  # rows whose tokens are a row of the table
-        listed[[i for i, _, _ in chats]] = False
+        listed[[i for i, _, _ in chats] + [i for i, _ in paired]] = False
         seq = np.full((self.batch_size, self.max_len + 1), self.pad, dtype=np.int64)  # (B, T+1)
         seq[listed] = self.tokens[token_rows[listed]]
         positions = np.arange(self.max_len + 1)
@@ -209,6 +232,9 @@ class Loader:
         for i, image_row, keys in chats:
             tokens, mask = self._chat(image_row, keys)
             seq[i, : len(tokens)], loss[i, : len(mask)] = tokens, mask
+        for i, first in paired:
+            tokens = self._pair(first, token_rows[i])
+            seq[i, : len(tokens)], loss[i, 1 : len(tokens)] = tokens, True
         targets = np.where(loss[:, 1:], seq[:, 1:], -100)  # (B, T): position t predicts seq[t + 1]
         pixels = self.split.images[image_rows]  # (B, H, W, 3) uint8, read from the memory map
         # to_tensor's conversion, written in numpy because every training step waits on it: numpy transposes
@@ -238,11 +264,14 @@ class Loader:
         }
         if self.task == "chat":
             state["caption_prob"] = self.caption_prob
+        if self.pairs:
+            state["pairs"] = True
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at batch state["step"] of the same stream; refuse if the stream would differ."""
-        for key, value in self.state_dict().items():
+        mine = self.state_dict()
+        for key, value in mine.items() | {("pairs", mine.get("pairs"))}:  # a pairs run is refused to a plain one
             if key != "step" and state.get(key) != value:
                 raise ValueError(
                     f"loader state has {key}={state.get(key)!r} but this loader has {value!r}; "

@@ -110,7 +110,7 @@ def make_loaders(run: RunConfig, tokenizer: Tokenizer, splits: dict[str, PackedS
         raise ValueError(f"--batch-size {t.batch_size} does not divide over {world} processes")
     task = "caption" if t.task == "contrastive" else t.task  # a contrastive model reads image-caption pairs too
     kwargs = dict(tokenizer=tokenizer, batch_size=t.batch_size // world, max_len=d.max_text_len, task=task)
-    kwargs.update(rank=rank, world_size=world, caption_prob=t.caption_prob)
+    kwargs.update(rank=rank, world_size=world, caption_prob=t.caption_prob, pairs=t.text_pairs)
     first = t.first_caption_prob or None
     train = Loader(splits[d.train_split], seed=t.seed, first_caption_prob=first, **kwargs)
     val = Loader(splits[d.val_split], seed=t.seed + 1, first_caption_prob=first, **kwargs)  # same caption mix

@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from nanovlm import data, vqa
+from nanovlm.config import RunConfig, TrainConfig
 from nanovlm.data import BadImageError, PackedSplit, load_image, prepare, read_captions, to_rgb
 from nanovlm.loader import Loader, loader_benchmark
+from nanovlm.pipeline import make_loaders
 from nanovlm.tokenizer import Tokenizer
 
 SPLIT = "val"
@@ -528,6 +530,53 @@ def test_text_task_visits_every_caption_once_per_epoch(packed, tok):
     ids = loader.batch(0)["input_ids"].tolist()
     texts = sorted(tok.decode([i for i in row if i != tok.eot][1:]) for row in ids)
     assert texts == sorted(c for caps in packed.captions for c in caps)
+
+
+def _row_of(packed, image) -> int:
+    pixels = (image.permute(1, 2, 0) * 255).round().numpy().astype(np.uint8)
+    return next(r for r in range(len(packed)) if (packed.images[r] == pixels).all())
+
+
+def test_text_pairs_read_another_caption_of_the_image_before_its_own(packed, tok):
+    loader = Loader(packed, tok, batch_size=6, max_len=30, task="text", pairs=True, first_caption_prob=1.0)
+    seen = set()
+    for k in range(6):  # one batch is one epoch of the six images
+        batch = loader.batch(k)
+        rows = zip(batch["images"], batch["input_ids"].tolist(), batch["targets"].tolist(), strict=True)
+        for image, ids, targets in rows:
+            captions = packed.captions[_row_of(packed, image)]
+            n = ids.index(tok.eot)
+            firsts = [c for c in captions[1:] if tok.encode(c) + tok.encode(captions[0]) == ids[1:n]]
+            assert len(firsts) == 1, "another caption of the same image, then its canonical one"
+            seen.add(firsts[0])
+            assert targets[:n] == ids[1:n] + [tok.eot] and set(targets[n:]) <= {-100}  # loss on both captions
+    assert seen == {c for caps in packed.captions for c in caps[1:]}
+    short = Loader(packed, tok, batch_size=6, max_len=8, task="text", pairs=True, first_caption_prob=1.0).batch(0)
+    for image, ids, targets in zip(
+        short["images"], short["input_ids"].tolist(), short["targets"].tolist(), strict=True
+    ):
+        whole = ids[:1] + [t for t in targets if t != -100]
+        own = tok.encode(packed.captions[_row_of(packed, image)][0]) + [tok.eot]
+        assert whole[-len(own) :] == own and len(whole) > len(own) + 1, "the first caption is cut, the caption kept"
+
+
+def test_text_pairs_are_refused_outside_the_text_stage_and_on_resume_into_plain_text(packed, tok):
+    with pytest.raises(ValueError, match="pairs=True puts one caption before another in task 'text'"):
+        Loader(packed, tok, batch_size=2, max_len=12, task="caption", pairs=True)
+    with pytest.raises(ValueError, match="text_pairs shapes the text stage's samples; stage 'full'"):
+        TrainConfig(stage="full", text_pairs=True)
+    paired = Loader(packed, tok, batch_size=6, max_len=12, task="text", pairs=True)
+    plain = Loader(packed, tok, batch_size=6, max_len=12, task="text")
+    with pytest.raises(ValueError, match="pairs=True but this loader has None"):  # all else the same
+        plain.load_state_dict(paired.state_dict() | {"n_items": plain.n_items})
+    with pytest.raises(ValueError, match="pairs=None but this loader has True"):
+        paired.load_state_dict(plain.state_dict() | {"n_items": paired.n_items})
+
+
+def test_the_text_stage_with_text_pairs_trains_on_pairs(packed, tok):
+    run = RunConfig(train=TrainConfig(stage="text", text_pairs=True))
+    loaders = make_loaders(run, tok, {run.data.train_split: packed, run.data.val_split: packed}, rank=0, world=1)
+    assert all(loader.task == "text" and loader.pairs for loader in loaders)
 
 
 def test_loader_benchmark_reports_samples_per_second(packed, tok):
