@@ -86,7 +86,7 @@ class Loader:
             raise ValueError(f"pairs=True puts one caption before another in task 'text', not {task!r}")
         self.pairs = pairs
         self.step = 0
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._epochs: dict[int, tuple] = {}  # epoch -> what _epoch returns
         if task == "qa":
             self._tokenize_qa(tokenizer)
         else:
@@ -271,10 +271,10 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         """Continue at batch state["step"] of the same stream; refuse if the stream would differ."""
         mine = self.state_dict()
-        for key, value in mine.items() | {("pairs", mine.get("pairs"))}:  # a pairs run is refused to a plain one
-            if key != "step" and state.get(key) != value:
+        for key in mine.keys() | {"pairs"}:  # "pairs" either way: a pairs run is refused to a plain one
+            if key != "step" and state.get(key) != mine.get(key):
                 raise ValueError(
-                    f"loader state has {key}={state.get(key)!r} but this loader has {value!r}; "
+                    f"loader state has {key}={state.get(key)!r} but this loader has {mine.get(key)!r}; "
                     "resuming would not continue the same batches"
                 )
         self.step = int(state["step"])

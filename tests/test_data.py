@@ -348,6 +348,12 @@ def packed(root):
     return PackedSplit(prepare(root, SPLIT, 16))
 
 
+def _row_of(packed, image) -> int:
+    """The packed row whose pixels a batch image (3, H, W) in [0, 1] holds."""
+    pixels = (image.permute(1, 2, 0) * 255).round().numpy().astype(np.uint8)
+    return next(r for r in range(len(packed)) if (packed.images[r] == pixels).all())
+
+
 def test_batches_have_the_contract_shapes_and_matching_image_and_text(packed, tok):
     batch = next(iter(Loader(packed, tok, batch_size=4, max_len=12)))
     assert batch["images"].shape == (4, 3, 16, 16) and batch["images"].dtype == torch.float32
@@ -356,10 +362,8 @@ def test_batches_have_the_contract_shapes_and_matching_image_and_text(packed, to
     assert 0.0 <= batch["images"].min() and batch["images"].max() <= 1.0
     assert (batch["input_ids"][:, 0] == tok.image).all()
     for image, ids in zip(batch["images"], batch["input_ids"], strict=True):
-        pixels = (image.permute(1, 2, 0) * 255).round().numpy().astype(np.uint8)
-        row = next(r for r in range(len(packed)) if (packed.images[r] == pixels).all())
         text = tok.decode([i for i in ids.tolist() if i != tok.eot][1:])
-        assert text in packed.captions[row]
+        assert text in packed.captions[_row_of(packed, image)]
 
 
 def test_targets_are_next_tokens_and_ignore_exactly_the_padding(packed, tok):
@@ -530,11 +534,6 @@ def test_text_task_visits_every_caption_once_per_epoch(packed, tok):
     ids = loader.batch(0)["input_ids"].tolist()
     texts = sorted(tok.decode([i for i in row if i != tok.eot][1:]) for row in ids)
     assert texts == sorted(c for caps in packed.captions for c in caps)
-
-
-def _row_of(packed, image) -> int:
-    pixels = (image.permute(1, 2, 0) * 255).round().numpy().astype(np.uint8)
-    return next(r for r in range(len(packed)) if (packed.images[r] == pixels).all())
 
 
 def test_text_pairs_read_another_caption_of_the_image_before_its_own(packed, tok):
