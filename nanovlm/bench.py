@@ -3,16 +3,17 @@
     python -m nanovlm bench peak                      matmul peak (fp32, bf16): the ceiling every MFU is against
     python -m nanovlm bench train --preset tiny       one real training step, timed: samples/s, FLOP/s, MFU
     python -m nanovlm bench train --compare           eager / torch.compile x fp32 / bf16 side by side
-    python -m nanovlm bench generate                  KV cache vs recomputing the sequence, batch 1 and 64
+    python -m nanovlm bench generate                  KV cache (and compiled) vs recomputing, batch 1 and 64
     python -m nanovlm bench data                      prepared-data loading vs what training consumes
     python -m nanovlm bench all                       all of the above in one run
 
 Every figure is measured now, on this machine; nothing is looked up. Training runs the real
 `Trainer.train_step` (forward, loss, backward, gradient clipping, the preset's optimizer) on random
 images and token ids of the preset's shape (or, with --real-data, on a Loader over the prepared scenes);
-generation runs `VLM.generate` on a randomly initialised model. Warm-up steps (and torch.compile's compilation) are not
-timed; step times are medians. Add --json for machine-readable output. On a shared machine the figures
-move with the load: the load average is printed with them.
+generation runs `VLM.generate` and `CompiledGenerator.generate` on a randomly initialised model. Warm-up
+steps (and torch.compile's compilation) are not timed; step times are medians. Add --json for
+machine-readable output. On a shared machine the figures move with the load: the load average is
+printed with them.
 
 One file on purpose, though longer than the others: every measurement shares the same timing, peak and
 table code, and whoever compares two figures should find how both were taken in one place.
@@ -27,9 +28,11 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext, redirect_stdout
+from functools import partial
 
 import torch
 
+from .compiled_generate import CompiledGenerator
 from .config import (
     PRESETS,
     RunConfig,
@@ -326,6 +329,9 @@ def profile_train(
 # ----------------------------------------------------------------------------- generation
 
 
+GENERATE_MODES = ("KV cache", "compiled", "recompute")  # VLM.generate with and without its cache; CompiledGenerator
+
+
 def bench_generate(
     cfg: VLMConfig,
     batch_sizes: tuple[int, ...] = (1, 64),
@@ -334,18 +340,28 @@ def bench_generate(
     device: str = "auto",
     bf16: bool = False,
     seed: int = 0,
+    compiled: bool = True,
 ) -> dict:
-    """Greedy captions of exactly new_tokens tokens, with the KV cache and without, on a random model.
+    """Greedy captions of exactly new_tokens tokens three ways on a random model, same tokens each way.
 
-    The end-of-text id is one argmax never returns, so every caption runs to new_tokens; max_seq_len is
-    raised if needed so that the image tokens, a one-token prompt and new_tokens fit. latency_s is the
-    median time of one generate() call: what each caption of that batch waits.
+    KV cache is VLM.generate; recompute is VLM.generate(use_cache=False), the whole sequence at every step;
+    compiled is compiled_generate.CompiledGenerator, the cache at a fixed shape and each step one compiled
+    graph (compiled=False leaves it out; its compilation is timed apart, as compile_s). The end-of-text id
+    is one argmax never returns, so every caption runs to new_tokens; max_seq_len is raised if needed so that
+    the image tokens, a one-token prompt and new_tokens fit. latency_s is the median time of one generate()
+    call: what each caption of that batch waits.
     """
     device = resolve_device(device)
     cfg = copy.deepcopy(cfg)
     cfg.decoder.max_seq_len = max(cfg.decoder.max_seq_len, cfg.n_image_tokens + 1 + new_tokens)
     torch.manual_seed(seed)
     model = VLM(cfg).to(device).eval()
+    ways = {
+        "KV cache": model.generate,
+        "compiled": CompiledGenerator(model).generate,
+        "recompute": partial(model.generate, use_cache=False),
+    }
+    modes = [m for m in GENERATE_MODES if compiled or m != "compiled"]
     g = torch.Generator().manual_seed(seed)
     rows, same = [], {}
     for B in batch_sizes:
@@ -353,21 +369,22 @@ def bench_generate(
         images = torch.rand(B, cfg.vit.channels, S, S, generator=g).to(device)  # (B, 3, H, W)
         prompt = torch.randint(cfg.decoder.vocab_size, (B, 1), generator=g).to(device)  # (B, 1)
         tokens = {}
-        for cache in (True, False):
-            latency, tokens[cache] = _time_generate(model, images, prompt, new_tokens, cache, repeats, bf16)
-            n = sum(map(len, tokens[cache]))
+        for mode in modes:
+            warmup, latency, tokens[mode] = _time_generate(ways[mode], images, prompt, new_tokens, repeats, bf16)
+            n = sum(map(len, tokens[mode]))
             rows.append(
                 {
                     "batch_size": B,
-                    "cache": cache,
+                    "mode": mode,
                     "new_tokens": n / B,
                     "latency_s": latency,
                     "ms_per_token": 1000 * latency / (n / B),
                     "tokens_per_s": n / latency,
+                    **({"compile_s": warmup} if mode == "compiled" else {}),
                 }
             )
-        same[str(B)] = tokens[True] == tokens[False]
-    latency = {(r["batch_size"], r["cache"]): r["latency_s"] for r in rows}
+        same[str(B)] = all(tokens[mode] == tokens["recompute"] for mode in modes)
+    latency = {(r["batch_size"], r["mode"]): r["latency_s"] for r in rows}
     return {
         "device": device,
         "dtype": "bf16" if bf16 else "fp32",
@@ -375,22 +392,29 @@ def bench_generate(
         "image_tokens": cfg.n_image_tokens,
         "max_seq_len": cfg.decoder.max_seq_len,
         "rows": rows,
-        "speedup": {str(B): latency[B, False] / latency[B, True] for B in batch_sizes},
+        # how many times faster than recomputing: per mode, per batch size
+        "speedup": {
+            mode: {str(B): latency[B, "recompute"] / latency[B, mode] for B in batch_sizes}
+            for mode in modes
+            if mode != "recompute"
+        },
         "same_tokens": same,
     }
 
 
-def _time_generate(model, images, prompt, new_tokens, cache, repeats, bf16) -> tuple[float, list[list[int]]]:
-    """Median seconds of one generate() call after a short warm-up, and the tokens of the last call."""
+def _time_generate(generate, images, prompt, new_tokens, repeats, bf16) -> tuple[float, float, list[list[int]]]:
+    """Seconds of a short warm-up (compilation, if any), median seconds of one call, and the last call's tokens."""
     amp = torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with amp:
-        model.generate(images, prompt, 2, eot=NEVER, use_cache=cache)  # warm-up
+        start = time.perf_counter()
+        generate(images, prompt, 3, eot=NEVER)  # two decoding steps after the prompt: compiles the step once
+        warmup = time.perf_counter() - start
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            out = model.generate(images, prompt, new_tokens, eot=NEVER, use_cache=cache)  # .tolist() syncs
+            out = generate(images, prompt, new_tokens, eot=NEVER)  # .tolist() syncs
             times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    return warmup, statistics.median(times), out
 
 
 # ----------------------------------------------------------------------------- data
@@ -504,17 +528,22 @@ def format_generate(g: dict) -> str:
     rows = [
         [
             r["batch_size"],
-            "KV cache" if r["cache"] else "recompute",
+            r["mode"],
             f"{r['latency_s']:.3f}",
             f"{r['ms_per_token']:.2f}",
             f"{r['tokens_per_s']:.0f}",
-            f"{g['speedup'][str(r['batch_size'])]:.1f}x" if r["cache"] else "",
+            f"{g['speedup'][r['mode']][str(r['batch_size'])]:.1f}x" if r["mode"] in g["speedup"] else "",
         ]
         for r in g["rows"]
     ]
-    table = _table(["batch", "mode", "latency s", "ms/token", "tokens/s", "cache speed-up"], rows)
+    table = _table(["batch", "mode", "latency s", "ms/token", "tokens/s", "vs recompute"], rows)
+    compile_s = [f"{r['compile_s']:.1f} s at batch {r['batch_size']}" for r in g["rows"] if "compile_s" in r]
     same = ", ".join(f"batch {b}: {'yes' if ok else 'NO'}" for b, ok in g["same_tokens"].items())
-    return f"{head}\n{table}\nsame tokens with and without the cache: {same}"
+    modes = " / ".join(dict.fromkeys(r["mode"] for r in g["rows"]))
+    notes = [table, f"same tokens every way ({modes}): {same}"]
+    if compile_s:
+        notes.append(f"compiling the step (not in the latency): {', '.join(compile_s)}")
+    return "\n".join([head, *notes])
 
 
 def format_data(d: dict) -> str:
@@ -565,6 +594,9 @@ def add_parser(sub) -> None:
         "--batch-sizes", type=positive_ints, default="1,64", help="comma-separated batch sizes for generation"
     )
     gen.add_argument("--repeats", type=positive_int, default=3, help="timed generate() calls (median reported)")
+    gen.add_argument(
+        "--no-compile", action="store_true", help="leave out the compiled fixed-shape cache (it compiles for seconds)"
+    )
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--batches", type=positive_int, default=50, help="loader batches timed")
 
@@ -619,7 +651,9 @@ def run(args) -> None:
     if args.what in ("generate", "all"):
         sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b)
         bf16 = getattr(args, "bf16", False)
-        out["generate"] = bench_generate(preset.model, sizes, args.new_tokens, args.repeats, device, bf16)
+        out["generate"] = bench_generate(
+            preset.model, sizes, args.new_tokens, args.repeats, device, bf16, compiled=not args.no_compile
+        )
         text.append(format_generate(out["generate"]))
     if args.what in ("data", "all"):
         out["data"] = _data_section(preset, args, device, out.get("train"))

@@ -111,16 +111,23 @@ def test_bench_train_runs_real_steps_and_reports_rates(small_peak, bf16):
     assert "samples/s" in bench.format_train([row]) and "the spread of those sweeps" in bench.format_train([row])
 
 
-def test_bench_generate_runs_past_max_seq_len_and_cache_gives_the_same_tokens():
+def test_bench_generate_runs_past_max_seq_len_and_every_way_gives_the_same_tokens():
     cfg = small_config()  # max_seq_len 16 holds 4 image tokens + 1 prompt token + only 11 new tokens
     result = bench.bench_generate(cfg, batch_sizes=(1, 3), new_tokens=20, repeats=1, device="cpu")
     assert result["same_tokens"] == {"1": True, "3": True}
-    assert [(r["batch_size"], r["cache"]) for r in result["rows"]] == [(1, True), (1, False), (3, True), (3, False)]
+    modes = ["KV cache", "compiled", "recompute"]
+    assert [(r["batch_size"], r["mode"]) for r in result["rows"]] == [(b, m) for b in (1, 3) for m in modes]
     for row in result["rows"]:
         assert row["new_tokens"] == 20
         assert row["latency_s"] > 0 and row["tokens_per_s"] > 0 and row["ms_per_token"] > 0
-    assert set(result["speedup"]) == {"1", "3"} and all(s > 0 for s in result["speedup"].values())
-    assert "same tokens with and without the cache: batch 1: yes, batch 3: yes" in bench.format_generate(result)
+        assert ("compile_s" in row) == (row["mode"] == "compiled")
+    latency = {(r["batch_size"], r["mode"]): r["latency_s"] for r in result["rows"]}
+    assert result["speedup"] == {
+        m: {str(b): pytest.approx(latency[b, "recompute"] / latency[b, m]) for b in (1, 3)} for m in modes[:2]
+    }
+    text = bench.format_generate(result)
+    assert "same tokens every way (KV cache / compiled / recompute): batch 1: yes, batch 3: yes" in text
+    assert "compiling the step (not in the latency): " in text
 
 
 def test_bench_data_compares_the_loader_with_training(tiny_scenes):
@@ -168,8 +175,9 @@ def test_bench_train_plot_draws_one_bar_per_mode(quick_peak, tmp_path, capsys):
 def test_bench_generate_prints_a_table_or_json(capsys):
     args = ["generate", "--preset", "tiny", "--batch-sizes", "2", "--new-tokens", "3", "--repeats", "1"]
     bench.cli(args)
-    assert "same tokens with and without the cache: batch 2: yes" in capsys.readouterr().out
-    bench.cli([*args, "--json"])
+    assert "same tokens every way (KV cache / compiled / recompute): batch 2: yes" in capsys.readouterr().out
+    bench.cli([*args, "--json", "--no-compile"])
     out = json.loads(capsys.readouterr().out)
     assert out["generate"]["same_tokens"] == {"2": True}
-    assert [r["new_tokens"] for r in out["generate"]["rows"]] == [3, 3]
+    assert [(r["mode"], r["new_tokens"]) for r in out["generate"]["rows"]] == [("KV cache", 3), ("recompute", 3)]
+    assert list(out["generate"]["speedup"]) == ["KV cache"]
