@@ -1,7 +1,7 @@
 """Generation with a fixed-shape KV cache and one compiled decoding step.
 
-At batch 1 a small model's decoding step is not bound by arithmetic: each new token runs some sixty small
-operations (17 linear layers, layer norms, reshapes, the cache's writes), and launching them costs more
+At batch 1 a small model's decoding step is not bound by arithmetic: each new token runs dozens of small
+operations (every linear layer, layer norm and reshape, the cache's writes), and launching them costs more
 than computing them. `torch.compile` fuses such chains into a few kernels, but only for shapes it has seen:
 `VLM.generate`'s cache hands attention the keys written so far, one position longer at every token, so
 a compiled step would meet a new shape each time and recompile.
@@ -14,7 +14,7 @@ Here the step keeps every shape fixed instead:
     attend          over all max_len positions, hiding the unwritten ones with the mask arange(max_len) <= pos.
 
 Hidden positions get zero weight, so the step computes what the growing cache computes, token for token
-(tests/test_model.py checks the tokens). The prompt (image tokens and prompt text) still runs as one
+(tests/test_compiled_generate.py checks the tokens). The prompt (image tokens and prompt text) still runs as one
 ordinary pass that fills the cache; only the steps after it are compiled.
 
     gen = CompiledGenerator(model)                    # compiles on the first call, once per batch size
@@ -56,13 +56,13 @@ class CompiledGenerator:
         image = None if images is None else model.image_tokens(images)
         seq = model.sequence(image, model.decoder.embed(prompt_ids))  # (B, N_img + Tp, D)
         max_new_tokens = min(max_new_tokens, max_len - seq.size(1))
-        cache = KVCache(self.model.cfg.decoder.n_layers, max_len)
-        out = torch.empty(B, 0, dtype=torch.long, device=prompt_ids.device)
         if max_new_tokens <= 0:
             return [[] for _ in range(B)]
+        cache = KVCache(model.cfg.decoder.n_layers, max_len)
         # the prompt in one ordinary pass: it fills the cache's (B, nh, max_len, hs) buffers up to cache.pos
         logits = model.decoder.head(model.hidden(seq, image, cache)[:, -1])  # (B, V)
         pos = torch.tensor(cache.pos, device=prompt_ids.device)  # where the next token goes
+        out = torch.empty(B, 0, dtype=torch.long, device=prompt_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         for t in range(max_new_tokens):
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (B,)
