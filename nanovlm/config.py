@@ -103,6 +103,10 @@ class TrainConfig:
     text_pairs: bool = setting(
         False, "text stage: each caption follows another of its image, so the decoder learns to read what precedes it"
     )
+    text_grid: bool = setting(
+        False,
+        "text stage: the decoder captions from a map of each image's objects as words, laid out like the image tokens",
+    )
     out: str = setting("runs/scenes", "where checkpoints and logs go")
 
     def __post_init__(self) -> None:
@@ -113,6 +117,10 @@ class TrainConfig:
             raise ValueError(f"train names unknown components {sorted(unknown)}; use {', '.join(sorted(COMPONENTS))}")
         if self.text_pairs and self.stage != "text":
             raise ValueError(f"text_pairs shapes the text stage's samples; stage {self.stage!r} has none")
+        if self.text_grid and self.stage != "text":
+            raise ValueError(f"text_grid shapes the text stage's samples; stage {self.stage!r} has none")
+        if self.text_grid and self.text_pairs:
+            raise ValueError("text_grid and text_pairs are two ways to shape the text stage's samples; choose one")
         if (self.init_vision or self.init_from) and self.stage == "clip":
             raise ValueError("init_vision and init_from start a captioner; stage clip trains a contrastive model")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "eval_batches"):

@@ -37,7 +37,8 @@ class Loader:
     An item is an image ("caption": one of its captions drawn at random, anew each epoch), a caption
     ("text": every caption once per epoch; the batch carries its image too, which the model ignores; with
     pairs, an image whose drawn caption follows another of its captions, so that a decoder trained on text
-    alone learns to use what comes before it),
+    alone learns to use what comes before it; with grid, an image whose drawn caption the model reads off a
+    map of its objects' words, batch["words"]: see _word_grid),
     a question/answer pair ("qa"), or an image shown either with a caption or with a chat of several of
     its questions ("chat": caption_prob is the chance of a caption, anew each epoch). Epoch e visits the
     items in the order of a permutation drawn from np.random.default_rng((seed, e)); the stream of all
@@ -67,6 +68,7 @@ class Loader:
         first_caption_prob: float | None = None,
         caption_prob: float = 0.5,
         pairs: bool = False,
+        grid: int = 0,
     ):
         if task not in TASKS:
             raise ValueError(f"task={task!r}; use one of {TASKS}")
@@ -85,6 +87,9 @@ class Loader:
         if pairs and task != "text":
             raise ValueError(f"pairs=True puts one caption before another in task 'text', not {task!r}")
         self.pairs = pairs
+        if grid and task != "text":
+            raise ValueError(f"grid={grid} lays words out for the text stage (task 'text'), not {task!r}")
+        self.grid = grid
         self.step = 0
         self._epochs: dict[int, tuple] = {}  # epoch -> what _epoch returns
         if task == "qa":
@@ -93,6 +98,8 @@ class Loader:
             self._tokenize_captions(tokenizer)
         if task == "chat":
             self._tokenize_turns(tokenizer)
+        if grid:
+            self._word_grid(tokenizer, grid)
         self.n_items = len(self.item_rows)
         if self.n_items == 0:
             raise ValueError(f"{split.dir} has nothing to load for task={task!r}")
@@ -108,7 +115,7 @@ class Loader:
         self.prompt_lengths = np.ones(len(seqs), dtype=np.int64)  # just <|image|>
         self.first_caption = np.cumsum(counts) - counts  # token row of each image's caption 0
         self.caption_counts = counts
-        if self.task in ("caption", "chat") or self.pairs:  # items are images; their caption is drawn per epoch
+        if self.task in ("caption", "chat") or self.pairs or self.grid:  # items are images, captions drawn per epoch
             self.item_rows = np.arange(len(counts))
         else:  # items are captions
             self.item_rows = np.repeat(np.arange(len(counts)), counts)
@@ -145,6 +152,33 @@ class Loader:
                 "an answered question, so a chat has nothing to show with it"
             )
 
+    def _word_grid(self, tok, side: int) -> None:
+        """Each image's objects as words on a side x side grid in the image tokens' raster order: the cell that holds
+        an object's centre gets the tokens of " size colour shape", the other cells none (-1). A decoder trained to
+        caption from this map has learned to read the layout the image tokens will have; the projector then only
+        has to write each object's words where it is."""
+        if self.split.scenes is None:
+            raise ValueError(f"{self.split.dir} has no scene records (scenes.json), which a grid of words is made from")
+        size = self.split.image_size
+        cells: list[dict[int, list[int]]] = []
+        for scene in self.split.scenes:
+            here: dict[int, list[int]] = {}
+            for obj in scene["objects"]:
+                row, col = (int(obj[c] * side / size) for c in ("cy", "cx"))
+                if not (0 <= row < side and 0 <= col < side):
+                    raise ValueError(
+                        f"{self.split.dir}: image {scene['image_id']!r} has an object centred at ({obj['cx']}, "
+                        f"{obj['cy']}), outside its {size}px images; pack the scenes at the size they were drawn"
+                    )
+                words = tok.encode(f" {obj['size']} {obj['color']} {obj['shape']}")
+                here.setdefault(row * side + col, []).extend(words)  # two centres in one cell: both objects' words
+            cells.append(here)
+        width = max((len(ids) for here in cells for ids in here.values()), default=1)
+        self.words = np.full((len(cells), side * side, width), -1, dtype=np.int64)  # (N_images, cells, K)
+        for r, here in enumerate(cells):
+            for cell, ids in here.items():
+                self.words[r, cell, : len(ids)] = ids
+
     def _epoch(self, epoch: int) -> tuple[np.ndarray, ...]:
         """(order of items, token row of each item, chat or caption per item, sort key per chat turn, token row
         of the caption read first or -1) for one epoch; the third and fourth are None except for task "chat",
@@ -153,7 +187,7 @@ class Loader:
             rng = np.random.default_rng((self.seed, epoch))
             order = rng.permutation(self.n_items)
             chat = keys = before = None
-            if self.task in ("caption", "chat") or self.pairs:
+            if self.task in ("caption", "chat") or self.pairs or self.grid:
                 rows = self.first_caption + self._draw_captions(rng.random(self.n_items))
             else:
                 rows = np.arange(self.n_items)
@@ -241,11 +275,14 @@ class Loader:
         # and casts in one pass into a contiguous array, then divides in place, where torch takes separate passes
         images = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)  # (B, 3, H, W)
         images /= 255.0
-        return {
+        batch = {
             "images": torch.from_numpy(images),  # (B, 3, H, W) in [0, 1]
             "input_ids": torch.from_numpy(np.ascontiguousarray(seq[:, :-1])),  # (B, T)
             "targets": torch.from_numpy(targets),  # (B, T)
         }
+        if self.grid:
+            batch["words"] = torch.from_numpy(self.words[image_rows])  # (B, N_cells, K) token ids, -1 for none
+        return batch
 
     def __iter__(self):
         while True:
@@ -266,12 +303,14 @@ class Loader:
             state["caption_prob"] = self.caption_prob
         if self.pairs:
             state["pairs"] = True
+        if self.grid:
+            state["grid"] = self.grid
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at batch state["step"] of the same stream; refuse if the stream would differ."""
         mine = self.state_dict()
-        for key in mine.keys() | {"pairs"}:  # "pairs" either way: a pairs run is refused to a plain one
+        for key in mine.keys() | {"pairs", "grid"}:  # either way: a pairs or grid run is refused to a plain one
             if key != "step" and state.get(key) != mine.get(key):
                 raise ValueError(
                     f"loader state has {key}={state.get(key)!r} but this loader has {mine.get(key)!r}; "

@@ -7,6 +7,7 @@ model, then captions held-out images and prints them next to the truth with the 
 
 import gc
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,14 @@ def make_loaders(run: RunConfig, tokenizer: Tokenizer, splits: dict[str, PackedS
     task = "caption" if t.task == "contrastive" else t.task  # a contrastive model reads image-caption pairs too
     kwargs = dict(tokenizer=tokenizer, batch_size=t.batch_size // world, max_len=d.max_text_len, task=task)
     kwargs.update(rank=rank, world_size=world, caption_prob=t.caption_prob, pairs=t.text_pairs)
+    if t.text_grid:
+        side = math.isqrt(run.model.n_image_tokens)
+        if run.model.fusion == "cross" or side * side != run.model.n_image_tokens:
+            raise ValueError(
+                f"--text-grid lays words out where a square of image tokens goes in front of the text; this model "
+                f"({run.model.fusion} fusion, {run.model.n_image_tokens} image tokens) has none"
+            )
+        kwargs["grid"] = side
     first = t.first_caption_prob or None
     train = Loader(splits[d.train_split], seed=t.seed, first_caption_prob=first, **kwargs)
     val = Loader(splits[d.val_split], seed=t.seed + 1, first_caption_prob=first, **kwargs)  # same caption mix

@@ -206,7 +206,7 @@ class Trainer:
             if self.cfg.task == "contrastive":
                 _, loss = model(images, batch["input_ids"])  # its negatives are the batch's other pairs
                 return loss.float() * len(images)
-            logits, _ = model(images, batch["input_ids"])
+            logits, _ = model(images, batch["input_ids"], words=batch.get("words"))  # words: a text stage's grid
         return F.cross_entropy(
             logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum"
         )

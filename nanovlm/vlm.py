@@ -136,6 +136,15 @@ class VLM(nn.Module):
             return self.resampler(pixel_shuffle(features, self.cfg.cross.pixel_shuffle))
         return self.projector(features)
 
+    def word_tokens(self, words: torch.Tensor) -> torch.Tensor:
+        """(B, N, K) token ids, -1 for none -> (B, N, D): each position the sum of its words' embeddings.
+
+        What a text stage with a grid of words (loader.Loader(..., grid=side)) puts where the image tokens go:
+        the decoder learns to caption from a map of words, and later reads the projector's vectors in its place.
+        """
+        embedded = self.decoder.embed(words.clamp(min=0))  # (B, N, K, D)
+        return (embedded * (words >= 0).unsqueeze(-1)).sum(2)
+
     def sequence(self, image: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
         """The decoder's input: [image tokens | text] for prefix and early fusion, the text alone otherwise."""
         if image is None or self.cfg.fusion == "cross":
@@ -158,14 +167,26 @@ class VLM(nn.Module):
         return self.decoder.hidden(x, cache, before_block=read_image)
 
     def forward(
-        self, images: torch.Tensor | None, input_ids: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for the text positions (B, T, V), and the mean loss over targets != -100 if given.
 
-        images=None runs the decoder on text alone (stage 1: language-model pre-training).
+        images=None runs the decoder on text alone (stage 1: language-model pre-training); words (B, N, K), given
+        instead of images, puts word_tokens(words) where the image tokens go.
         """
         text = self.decoder.embed(input_ids)  # (B, T, D)
         image = None if images is None else self.image_tokens(images)
+        if words is not None:
+            if words.size(1) != self.cfg.n_image_tokens or self.cfg.fusion == "cross":
+                raise ValueError(
+                    f"words of shape {tuple(words.shape)} stand in for the image tokens in front of the text; a "
+                    f"model with {self.cfg.fusion} fusion has {self.cfg.n_image_tokens} of them"
+                )
+            image = self.word_tokens(words)
         h = self.hidden(self.sequence(image, text), image)[:, -text.size(1) :]  # text positions only
         logits = self.decoder.head(h)  # (B, T, V)
         loss = None
