@@ -90,6 +90,8 @@ class Loader:
         if grid and task != "text":
             raise ValueError(f"grid={grid} lays words out for the text stage (task 'text'), not {task!r}")
         self.grid = grid
+        # items are images whose caption is drawn anew each epoch; otherwise captions ("text") or questions ("qa")
+        self.items_are_images = task in ("caption", "chat") or pairs or bool(grid)
         self.step = 0
         self._epochs: dict[int, tuple] = {}  # epoch -> what _epoch returns
         if task == "qa":
@@ -115,7 +117,7 @@ class Loader:
         self.prompt_lengths = np.ones(len(seqs), dtype=np.int64)  # just <|image|>
         self.first_caption = np.cumsum(counts) - counts  # token row of each image's caption 0
         self.caption_counts = counts
-        if self.task in ("caption", "chat") or self.pairs or self.grid:  # items are images, captions drawn per epoch
+        if self.items_are_images:
             self.item_rows = np.arange(len(counts))
         else:  # items are captions
             self.item_rows = np.repeat(np.arange(len(counts)), counts)
@@ -160,6 +162,7 @@ class Loader:
         if self.split.scenes is None:
             raise ValueError(f"{self.split.dir} has no scene records (scenes.json), which a grid of words is made from")
         size = self.split.image_size
+        kinds: dict[tuple[str, str, str], list[int]] = {}  # a few dozen kinds of object, encoded once each
         cells: list[dict[int, list[int]]] = []
         for scene in self.split.scenes:
             here: dict[int, list[int]] = {}
@@ -170,8 +173,11 @@ class Loader:
                         f"{self.split.dir}: image {scene['image_id']!r} has an object centred at ({obj['cx']}, "
                         f"{obj['cy']}), outside its {size}px images; pack the scenes at the size they were drawn"
                     )
-                words = tok.encode(f" {obj['size']} {obj['color']} {obj['shape']}")
-                here.setdefault(row * side + col, []).extend(words)  # two centres in one cell: both objects' words
+                kind = (obj["size"], obj["color"], obj["shape"])
+                if kind not in kinds:
+                    kinds[kind] = tok.encode(" " + " ".join(kind))
+                # two centres in one cell: both objects' words
+                here.setdefault(row * side + col, []).extend(kinds[kind])
             cells.append(here)
         width = max((len(ids) for here in cells for ids in here.values()), default=1)
         self.words = np.full((len(cells), side * side, width), -1, dtype=np.int64)  # (N_images, cells, K)
@@ -187,7 +193,7 @@ class Loader:
             rng = np.random.default_rng((self.seed, epoch))
             order = rng.permutation(self.n_items)
             chat = keys = before = None
-            if self.task in ("caption", "chat") or self.pairs or self.grid:
+            if self.items_are_images:
                 rows = self.first_caption + self._draw_captions(rng.random(self.n_items))
             else:
                 rows = np.arange(self.n_items)

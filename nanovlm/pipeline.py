@@ -114,7 +114,7 @@ def make_loaders(run: RunConfig, tokenizer: Tokenizer, splits: dict[str, PackedS
     kwargs.update(rank=rank, world_size=world, caption_prob=t.caption_prob, pairs=t.text_pairs)
     if t.text_grid:
         side = math.isqrt(run.model.n_image_tokens)
-        if run.model.fusion == "cross" or side * side != run.model.n_image_tokens:
+        if side == 0 or side * side != run.model.n_image_tokens:  # cross fusion has no image tokens in front
             raise ValueError(
                 f"--text-grid lays words out where a square of image tokens goes in front of the text; this model "
                 f"({run.model.fusion} fusion, {run.model.n_image_tokens} image tokens) has none"
