@@ -293,7 +293,10 @@ def _instruct() -> RunConfig:
     run = _scenes()
     run.train = TrainConfig(
         stage="instruct",
-        max_steps=800,
+        # the ViT and projector stay as the captioner left them: a step without their backward pass is cheaper,
+        # so more steps fit, and the frozen image tokens keep the captions
+        train=("decoder",),
+        max_steps=900,
         batch_size=64,
         lr=5e-3,
         min_lr=1e-4,
@@ -323,6 +326,7 @@ def _vqa() -> RunConfig:
         max_text_len=52,
     )
     run.train.init_from = ""
+    run.train.train = ()  # from fresh weights every component has to learn
     run.train.out = "runs/vqa"
     return run
 
