@@ -248,8 +248,8 @@ def _scenes() -> RunConfig:
             warmup_steps=50,
             first_caption_prob=1.0,
             optimizer="muon",
-            # A model this small is bound by kernel launches on a GPU, not by arithmetic: there the compile
-            # and bf16 autocast made the run slower, so the main job trains the CPU's way everywhere.
+            # On a GPU a step of a model this small is far from the arithmetic limit, and there the compile and
+            # bf16 autocast made the run slower, so the main job trains the CPU's way everywhere.
             dtype="fp32",
             compile="off",
             out="runs/scenes",

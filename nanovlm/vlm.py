@@ -179,7 +179,6 @@ class VLM(nn.Module):
         instead of images, puts word_tokens(words) where the image tokens go.
         """
         text = self.decoder.embed(input_ids)  # (B, T, D)
-        image = None if images is None else self.image_tokens(images)
         if words is not None:
             if words.size(1) != self.cfg.n_image_tokens or self.cfg.fusion == "cross":
                 raise ValueError(
@@ -187,6 +186,8 @@ class VLM(nn.Module):
                     f"model with {self.cfg.fusion} fusion has {self.cfg.n_image_tokens} of them"
                 )
             image = self.word_tokens(words)
+        else:
+            image = None if images is None else self.image_tokens(images)
         h = self.hidden(self.sequence(image, text), image)[:, -text.size(1) :]  # text positions only
         logits = self.decoder.head(h)  # (B, T, V)
         loss = None
